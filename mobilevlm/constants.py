@@ -1,0 +1,12 @@
+"""Special ids and strings shared with the original MobileVLM / LLaVA code."""
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
+DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
+DEFAULT_IM_START_TOKEN = "<im_start>"
+DEFAULT_IM_END_TOKEN = "<im_end>"
+IMAGE_PLACEHOLDER = "<image-placeholder>"
+
+# Decompression-bomb guard for every image we open (CLI, server, data loaders): 64 megapixels.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
