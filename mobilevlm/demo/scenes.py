@@ -1,0 +1,150 @@
+"""Generated scenes: a few coloured shapes on a 3x3 grid, or one or two coloured words, drawn at 96x96 pixels.
+
+The world is deliberately small (five colours, four shapes, two sizes, three columns, a couple of dozen
+words) so that a model with a few hundred thousand parameters can learn it in minutes; every attribute a
+question asks about is visible at the tiny tower's 4-pixel patch resolution.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SIZE = 96
+CELL = IMAGE_SIZE // 3
+BACKGROUND = (240, 240, 240)
+COLORS = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (230, 190, 20),
+    "purple": (140, 60, 180),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": 8, "large": 13}  # radius in pixels; a large shape still fits its 32-pixel cell
+COLUMNS = ("left", "center", "right")
+ROWS = ("top", "middle", "bottom")
+WORDS = (
+    "cat", "dog", "sun", "box", "car", "hat", "pen", "cup", "map", "key", "bus", "egg",
+    "fox", "owl", "bee", "cow", "pig", "jam", "ink", "toy", "zoo", "sky", "ice", "van",
+)
+WORD_ROWS = ("top", "bottom")
+MAX_OBJECTS = 3
+
+
+@dataclass(frozen=True)
+class Shape:
+    color: str
+    shape: str
+    size: str
+    row: int
+    col: int
+    dx: int
+    dy: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    color: str
+    row: int  # index into WORD_ROWS
+    dx: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Shape, ...] = ()
+    words: tuple[Word, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "words" if self.words else "shapes"
+
+    def key(self) -> tuple:
+        """Identical keys render identical images; used to keep evaluation scenes out of training."""
+        return (self.objects, self.words)
+
+
+def sample_shapes(rng: random.Random, count: int | None = None) -> Scene:
+    count = count or rng.randint(1, MAX_OBJECTS)
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], count)
+    combos = rng.sample([(c, s) for c in COLORS for s in SHAPES], count)
+    objects = []
+    for (row, col), (color, shape) in zip(cells, combos):
+        size = rng.choice(tuple(SIZES))
+        slack = CELL // 2 - SIZES[size] - 1
+        objects.append(Shape(color, shape, size, row, col, rng.randint(-slack, slack), rng.randint(-slack, slack)))
+    return Scene(objects=tuple(objects))
+
+
+def sample_words(rng: random.Random) -> Scene:
+    count = rng.randint(1, 2)
+    texts = rng.sample(WORDS, count)
+    colors = rng.sample(tuple(COLORS), count)
+    rows = rng.sample(range(len(WORD_ROWS)), count)
+    return Scene(words=tuple(Word(t, c, r, rng.randint(-20, 20)) for t, c, r in zip(texts, colors, rows)))
+
+
+def sample_scene(rng: random.Random, word_fraction: float = 0.25) -> Scene:
+    return sample_words(rng) if rng.random() < word_fraction else sample_shapes(rng)
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.FreeTypeFont:
+    # Pillow's bundled default font, so the rendering is the same wherever this Pillow version is installed.
+    return ImageFont.load_default(size=22)
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    import math
+
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    points = []
+    for i in range(10):  # star: alternate outer and inner radius
+        angle = -math.pi / 2 + i * math.pi / 5
+        radius = r if i % 2 == 0 else r * 0.45
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def render(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx = obj.col * CELL + CELL // 2 + obj.dx
+        cy = obj.row * CELL + CELL // 2 + obj.dy
+        r = SIZES[obj.size]
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=fill)
+    for word in scene.words:
+        left, top, right, bottom = _font().getbbox(word.text)
+        x = (IMAGE_SIZE - (right - left)) // 2 + word.dx - left
+        y = (24 if word.row == 0 else 72) - (top + bottom) // 2
+        draw.text((x, y), word.text, fill=COLORS[word.color], font=_font())
+    return image
+
+
+def caption(scene: Scene) -> str:
+    """One sentence listing everything in the scene, in reading order: the stage-I and CLIP training text."""
+    if scene.words:
+        parts = [f'the word "{w.text}" in {w.color} at the {WORD_ROWS[w.row]}' for w in sorted(scene.words, key=lambda w: w.row)]
+    else:
+        ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
+        parts = [f"a {o.size} {o.color} {o.shape} at the {ROWS[o.row]} {COLUMNS[o.col]}" for o in ordered]
+    return "There is " + _join(parts) + "."
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

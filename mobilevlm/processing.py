@@ -1,0 +1,130 @@
+"""Image loading and preprocessing, and the chunk-wise tokenization of prompts around `<image>`.
+
+Preprocessing is pinned to transformers' PIL CLIP processor (`CLIPImageProcessorPil`): the torchvision-backed
+one resizes differently from the original's PIL bicubic path (up to 3e-2 in normalised pixels).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from mobilevlm.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, MAX_IMAGE_PIXELS
+from mobilevlm.errors import ImageError
+
+ImageSource = str | os.PathLike | bytes | Image.Image
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Open an image file / bytes as RGB with EXIF orientation applied; ImageError for anything unusable.
+
+    `max_pixels` guards against decompression bombs: the size is checked from the header, before decoding.
+    """
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image bytes>")
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        except OSError as err:
+            raise ImageError(f"{label}: cannot open image file ({err.strerror or err})") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(stream)
+                if image.width * image.height > max_pixels:
+                    raise ImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
+                image.load()
+        except UnidentifiedImageError:
+            raise ImageError(f"{label}: not an image file (format not recognised)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{label}: image too large (decompression bomb guard)") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"{label}: image data is truncated or corrupt ({err})") from None
+        finally:
+            if not isinstance(source, bytes):
+                stream.close()
+    if image.width * image.height > max_pixels:
+        raise ImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose the image itself
+        pass
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: 16-bit greyscale is scaled down, transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scale = 1 / 256 if image.mode.startswith("I;16") else 1 / 65536
+        image = image.point(lambda v: v * scale).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        canvas = Image.new("RGB", image.size, (255, 255, 255))
+        canvas.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        return canvas
+    return image.convert("RGB")
+
+
+def expand2square(image: Image.Image, background_color: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square canvas of the longer side, the original centred (offset (long - short) // 2)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background_color)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def build_image_processor(image_size: int, model_dir: str | os.PathLike | None = None,
+                          vision_tower: str | None = None) -> CLIPImageProcessorPil:
+    """The CLIP processor: a preprocessor_config.json in the checkpoint or in a local `mm_vision_tower` directory,
+    else the standard CLIP preprocessing (bicubic shortest-edge resize, centre crop, OpenAI mean/std) at the
+    tower's image size."""
+    for directory in (model_dir, vision_tower):
+        if directory and (Path(directory) / "preprocessor_config.json").is_file():
+            settings = json.loads((Path(directory) / "preprocessor_config.json").read_text())
+            keep = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                    "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+            return CLIPImageProcessorPil(**{k: v for k, v in settings.items() if k in keep})
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def process_images(images: list[Image.Image], image_processor, image_aspect_ratio: str | None = "pad") -> torch.Tensor:
+    """[n, 3, H, W] pixel values; `pad` squares each image in the processor's mean colour first (the original)."""
+    if image_aspect_ratio == "pad":
+        fill = tuple(int(m * 255) for m in image_processor.image_mean)
+        images = [expand2square(image, fill) for image in images]
+    return image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):
+    """Tokenize each chunk between `<image>` tags on its own (BOS kept once) and join with `image_token_index`.
+
+    This reproduces the original exactly, including the lone '▁' each chunk's dummy prefix produces.
+    """
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    ids: list[int] = []
+    offset = 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(image_token_index)
+        ids.extend(chunk[offset:])
+    if return_tensors == "pt":
+        return torch.tensor(ids, dtype=torch.long)
+    if return_tensors is not None:
+        raise ValueError(f"unsupported tensor type {return_tensors!r}")
+    return ids
