@@ -72,15 +72,22 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = None
     group_by_modality_length: bool = field(default=False)
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "old form of a fractional --warmup_steps"})
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+            self.warmup_steps = self.warmup_ratio
         if self.tf32 and not _cuda_available():
             logger.warning("--tf32 needs an Ampere or newer GPU; ignored on this machine")
             self.tf32 = None
         if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
             self.deepspeed = resolve_deepspeed_config(self.deepspeed)
+        if isinstance(self.fsdp_config, str) and not self.fsdp_config.lstrip().startswith("{"):
+            self.fsdp_config = resolve_deepspeed_config(self.fsdp_config, "--fsdp_config")
         super().__post_init__()
 
 
@@ -90,8 +97,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_deepspeed_config(name: str) -> str:
-    """A path as is; `zero2` / `zero3` (or `scripts/deepspeed/zero2.json` of the original) -> the shipped file."""
+def resolve_deepspeed_config(name: str, flag: str = "--deepspeed") -> str:
+    """A path as is; `zero2` / `zero3` / `fsdp_llama` (or the original's `scripts/deepspeed/zero2.json`) -> the
+    launcher config shipped with the package."""
     if os.path.isfile(name):
         return name
     stem = Path(name).name.removesuffix(".json")
@@ -101,7 +109,7 @@ def resolve_deepspeed_config(name: str) -> str:
     from mobilevlm.errors import MobileVLMError
 
     known = ", ".join(p.stem for p in sorted(DEEPSPEED_DIR.glob("*.json")))
-    raise MobileVLMError(f"--deepspeed {name}: no such file, and not a shipped config ({known})")
+    raise MobileVLMError(f"{flag} {name}: no such file, and not a shipped config ({known})")
 
 
 def parse_arguments(args: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
