@@ -70,7 +70,8 @@ class Conversation:
                 out += f"{role}{message}{self.sep}" if message else role
             return out
         if style == SeparatorStyle.PLAIN:
-            seps = (self.sep, self.sep2)
+            # plain has no sep2 (the original would fail on a finished answer); an answer ends with its stop string
+            seps = (self.sep, self.sep2 if self.sep2 is not None else self.sep)
             out = self.system
             for i, (_, message) in enumerate(messages):
                 out += f"{message}{seps[i % 2]}" if message else ""
