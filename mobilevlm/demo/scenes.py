@@ -114,12 +114,33 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     return points
 
 
+def _center(obj: Shape) -> tuple[int, int]:
+    return obj.col * CELL + CELL // 2 + obj.dx, obj.row * CELL + CELL // 2 + obj.dy
+
+
+def _word_origin(word: Word) -> tuple[int, int, tuple[int, int, int, int]]:
+    left, top, right, bottom = _font().getbbox(word.text)
+    x = (IMAGE_SIZE - (right - left)) // 2 + word.dx - left
+    y = (24 if word.row == 0 else 72) - (top + bottom) // 2
+    return x, y, (x + left, y + top, x + right, y + bottom)
+
+
+def regions(scene: Scene) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """(phrase, pixel box) for every object and word: the region-level pairs of the vision tower's training."""
+    out = []
+    for obj in scene.objects:
+        (cx, cy), r = _center(obj), SIZES[obj.size]
+        out.append((f"a {obj.size} {obj.color} {obj.shape}", (cx - r, cy - r, cx + r, cy + r)))
+    for word in scene.words:
+        out.append((f'the word "{word.text}" in {word.color}', _word_origin(word)[2]))
+    return out
+
+
 def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        cx = obj.col * CELL + CELL // 2 + obj.dx
-        cy = obj.row * CELL + CELL // 2 + obj.dy
+        cx, cy = _center(obj)
         r = SIZES[obj.size]
         fill = COLORS[obj.color]
         if obj.shape == "circle":
@@ -129,9 +150,7 @@ def render(scene: Scene) -> Image.Image:
         else:
             draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=fill)
     for word in scene.words:
-        left, top, right, bottom = _font().getbbox(word.text)
-        x = (IMAGE_SIZE - (right - left)) // 2 + word.dx - left
-        y = (24 if word.row == 0 else 72) - (top + bottom) // 2
+        x, y, _ = _word_origin(word)
         draw.text((x, y), word.text, fill=COLORS[word.color], font=_font())
     return image
 

@@ -1,0 +1,229 @@
+"""The three pre-trained parts the demo's MobileVLM starts from, made here because nothing can be downloaded.
+
+- a LLaMA-style SentencePiece tokenizer trained on the generated corpus;
+- a tiny CLIP vision tower trained contrastively against the scene captions (a CLIPModel with a small text
+  tower, as CLIP itself), saved as a CLIPVisionModel directory with its preprocessor config;
+- a tiny MobileLLaMA trained on the generated text in the chat template (standing in for MobileLLaMA-Chat),
+  saved as a LLaMA checkpoint directory with the tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mobilevlm.demo.scenes import IMAGE_SIZE, Scene, caption, regions, render
+
+Log = Callable[[str], None]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class TowerSize:
+    hidden: int = 48
+    layers: int = 3  # the VLM uses hidden_states[-2], i.e. runs only the first two
+    heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+
+
+@dataclass(frozen=True)
+class LlmSize:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 352
+    max_positions: int = 512
+
+
+def _chat_lines() -> list[str]:
+    from mobilevlm.conversation import get_conv_template
+
+    conv = get_conv_template("v1")
+    return [conv.system, f"{conv.roles[0]}: {conv.roles[1]}:"]
+
+
+def train_tokenizer(lines: list[str], out_dir: Path, vocab_size: int) -> Path:
+    """tokenizer.model + tokenizer_config.json in `out_dir`, trained on the corpus plus the chat template text."""
+    from mobilevlm.tokenizer import save_tokenizer_files, train_sentencepiece
+
+    corpus = lines + _chat_lines() * max(1, len(lines) // 50)
+    path = train_sentencepiece(corpus, vocab_size, Path(out_dir) / "tokenizer.model")
+    save_tokenizer_files(out_dir)
+    return path
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _pixels(scenes: list[Scene]) -> torch.Tensor:
+    # Same arithmetic as the saved CLIP processor on a 96-pixel square image (no resize, no crop needed).
+    data = torch.stack([torch.frombuffer(bytearray(render(s).tobytes()), dtype=torch.uint8) for s in scenes])
+    data = data.view(len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).float() / 255
+    return (data - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def _clip_model(vocab_size: int, size: TowerSize, max_text: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=size.hidden, intermediate_size=4 * size.hidden,
+                  num_hidden_layers=size.layers, num_attention_heads=size.heads, hidden_act="quick_gelu")
+    # Text ids are SentencePiece ids plus one extra id used as end-of-text (CLIP pools at the first EOS; the
+    # SentencePiece EOS id 2 would select HF's legacy argmax pooling instead).
+    text = dict(vocab_size=vocab_size + 1, hidden_size=size.text_hidden, intermediate_size=2 * size.text_hidden,
+                num_hidden_layers=size.text_layers, num_attention_heads=4, max_position_embeddings=max_text,
+                eos_token_id=vocab_size, pad_token_id=vocab_size, bos_token_id=1, hidden_act="quick_gelu")
+    config = CLIPConfig(vision_config=vision, text_config=text, projection_dim=size.hidden)
+    config._attn_implementation = "sdpa"
+    return CLIPModel(config)
+
+
+def _encode_texts(sp, texts: list[str], eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [sp.encode(text)[:63] + [eot] for text in texts]
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(texts), width), eot)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _soft_clip_loss(image_side: torch.Tensor, text_side: torch.Tensor, texts: list[str], scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where pairs with the same text are all positives (generated captions can repeat)."""
+    logits = scale * F.normalize(image_side, dim=-1) @ F.normalize(text_side, dim=-1).t()
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float)
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def _region_features(patches: torch.Tensor, boxes: list[tuple[int, tuple]]) -> torch.Tensor:
+    """Mean patch feature inside each (image index, pixel box)."""
+    grid = patches.shape[1]
+    side = IMAGE_SIZE // grid
+    feats = []
+    for image, (x0, y0, x1, y1) in boxes:
+        c0, r0 = max(0, x0 // side), max(0, y0 // side)
+        c1, r1 = min(grid, -(-x1 // side)), min(grid, -(-y1 // side))
+        feats.append(patches[image, r0:r1, c0:c1].mean(dim=(0, 1)))
+    return torch.stack(feats)
+
+
+def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
+                          batch_size: int = 32, lr: float = 2e-3, size: TowerSize = TowerSize(), log: Log = print) -> dict:
+    """CLIP training at two levels: whole image vs caption (CLS token, as CLIP), and each object's patch
+    region vs its phrase at the layer the VLM reads (dense region-phrase pairs make a tiny tower learn the
+    attributes in a minute instead of hours)."""
+    import sentencepiece as spm
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(seed)
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
+    eot = sp.get_piece_size()
+    model = _clip_model(eot, size, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    rng = random.Random(f"{seed}:clip")
+    grid = IMAGE_SIZE // 4
+    start, losses = time.time(), []
+    for step in range(steps):
+        batch = [scenes[i] for i in rng.sample(range(len(scenes)), batch_size)]
+        vision = model.vision_model(pixel_values=_pixels(batch), output_hidden_states=True)
+        image_embeds = model.visual_projection(vision.pooler_output)
+        captions = [caption(s) for s in batch]
+        caption_embeds = model.text_projection(model.text_model(*_encode_texts(sp, captions, eot)).pooler_output)
+        selected = vision.hidden_states[-2][:, 1:].reshape(batch_size, grid, grid, -1)
+        pairs = [(i, phrase, box) for i, s in enumerate(batch) for phrase, box in regions(s)]
+        region_embeds = model.visual_projection(model.vision_model.post_layernorm(
+            _region_features(selected, [(i, box) for i, _, box in pairs])))
+        phrases = [phrase for _, phrase, _ in pairs]
+        phrase_embeds = model.text_projection(model.text_model(*_encode_texts(sp, phrases, eot)).pooler_output)
+        scale = model.logit_scale.exp().clamp(max=100)
+        loss = _soft_clip_loss(image_embeds, caption_embeds, captions, scale) + _soft_clip_loss(region_embeds, phrase_embeds, phrases, scale)
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr, max(1, steps // 10))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            log(f"clip step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
+    tower = CLIPVisionModel(model.config.vision_config)
+    tower.load_state_dict(model.vision_model.state_dict())
+    out_dir = Path(out_dir)
+    tower.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "size": {"shortest_edge": IMAGE_SIZE},
+        "do_center_crop": True, "do_normalize": True, "do_resize": True, "do_rescale": True, "do_convert_rgb": True,
+        "resample": 3, "rescale_factor": 1 / 255, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "image_processor_type": "CLIPImageProcessor"}, indent=2))
+    return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "seconds": time.time() - start}
+
+
+def pretrain_language_model(texts: list[str], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
+                            batch_size: int = 32, lr: float = 3e-3, size: LlmSize = LlmSize(), log: Log = print) -> dict:
+    """Next-token training of a tiny LLaMA on chat-formatted text; saved with its tokenizer as a LLaMA checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mobilevlm.tokenizer import load_tokenizer, save_tokenizer_files
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    encoded = [tokenizer(text).input_ids[: size.max_positions] for text in texts]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
+                         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
+                         max_position_embeddings=size.max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(f"{seed}:llm")
+    start, losses = time.time(), []
+    for step in range(steps):
+        batch = [encoded[i] for i in rng.sample(range(len(encoded)), batch_size)]
+        width = max(len(ids) for ids in batch)
+        ids = torch.zeros((batch_size, width), dtype=torch.long)
+        labels = torch.full((batch_size, width), -100)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(seq)] = torch.tensor(seq)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr, max(1, steps // 10))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
+            log(f"llm step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    (out_dir / "tokenizer.model").write_bytes((Path(tokenizer_dir) / "tokenizer.model").read_bytes())
+    save_tokenizer_files(out_dir)
+    return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "seconds": time.time() - start}
+
+
+def chat_texts(samples: list[dict]) -> list[str]:
+    """The instruction samples as text-only v1 chats (image tags dropped): the language model's pre-training text."""
+    from mobilevlm.conversation import get_conv_template
+
+    texts = []
+    for sample in samples:
+        conv = get_conv_template("v1")
+        for turn in sample["conversations"]:
+            role = conv.roles[0] if turn["from"] == "human" else conv.roles[1]
+            conv.append_message(role, turn["value"].replace("<image>", "").strip())
+        texts.append(conv.get_prompt())
+    return texts
