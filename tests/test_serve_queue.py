@@ -1,0 +1,142 @@
+"""Server behaviour around the model: the bounded queue, disconnects, the API key and remote images."""
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+
+from mobilevlm.generation import Pipeline  # noqa: E402
+from mobilevlm.serve.app import ServerSettings, create_app  # noqa: E402
+from mobilevlm.serve.background import BackgroundServer  # noqa: E402
+from mobilevlm.testing import make_tiny_checkpoint  # noqa: E402
+
+MODEL = "tiny"
+LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000,
+        "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return Pipeline.from_pretrained(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+
+
+def serve(pipe, **settings):
+    return BackgroundServer(create_app(pipe, ServerSettings(model_name=MODEL, **settings)))
+
+
+def health(url):
+    return httpx.get(url + "/health").json()["queue"]
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def first_content_chunk(lines) -> dict:
+    """Reads up to the first piece of the answer; the caller keeps `lines` alive (dropping it closes the stream)."""
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunk = json.loads(line[6:])
+            if chunk["choices"][0]["delta"].get("content"):
+                return chunk
+    raise AssertionError("the stream ended without content")
+
+
+def test_full_queue_answers_429_and_a_disconnect_frees_the_place(pipe):
+    with serve(pipe, max_queue=1) as url, httpx.Client(timeout=60) as http:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        with http.stream("POST", url + "/v1/chat/completions", json={**LONG, "stream": True}) as response:
+            first_content_chunk(lines := response.iter_lines())
+            assert health(url)["running"] == 1
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+            assert "busy" in caught.value.message and caught.value.response.headers["retry-after"] == "1"
+        # closing the stream mid-answer cancels the generation and frees the only place
+        wait_for(lambda: health(url)["pending"] == 0)
+        stats = health(url)
+        assert stats["cancelled"] == 1 and stats["completed"] == 0 and stats["running"] == 0
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert reply.choices[0].message.content is not None
+
+
+def test_a_waiting_client_that_leaves_frees_its_place_at_once(pipe):
+    with serve(pipe, max_queue=2) as url, httpx.Client(timeout=60) as http:
+        with http.stream("POST", url + "/v1/chat/completions", json={**LONG, "stream": True}) as response:
+            first_content_chunk(lines := response.iter_lines())
+            impatient = threading.Thread(target=lambda: pytest.raises(
+                httpx.ReadTimeout, httpx.post, url + "/v1/chat/completions", json=LONG, timeout=0.5))
+            impatient.start()
+            wait_for(lambda: health(url)["pending"] == 2)
+            impatient.join()
+            wait_for(lambda: health(url)["pending"] == 1)
+            assert health(url)["running"] == 1  # the streaming one is still going
+            assert health(url)["cancelled"] == 1
+        wait_for(lambda: health(url)["pending"] == 0)
+        assert health(url)["completed"] == 0
+
+
+def test_api_key_is_required_on_every_route(pipe):
+    with serve(pipe, api_key="s3cret") as url:
+        for path in ("/health", "/v1/models", "/", "/static/app.js", "/nowhere"):
+            response = httpx.get(url + path)
+            assert response.status_code == 401, path
+            assert "API key" in response.json()["error"]["message"]
+        assert response.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(url + "/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url + "/", auth=("anyone", "s3cret")).status_code == 200
+        assert httpx.get(url + "/health", auth=("anyone", "wrong")).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert reply.choices[0].message.content is not None
+
+
+@pytest.fixture
+def image_host(tmp_path):
+    picture = io.BytesIO()
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(picture, format="PNG")
+    (tmp_path / "green.png").write_bytes(picture.getvalue())
+    (tmp_path / "huge.bin").write_bytes(b"\0" * 70_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", picture.getvalue()
+    httpd.shutdown()
+
+
+def test_remote_images_only_with_the_flag(pipe, image_host):
+    host, picture = image_host
+
+    def ask(client, url):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                              max_tokens=6, temperature=0).choices[0].message.content
+
+    with serve(pipe, allow_remote_images=True, max_image_bytes=60_000) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        inline = ask(client, "data:image/png;base64," + base64.b64encode(picture).decode())
+        assert ask(client, host + "/green.png") == inline
+        with pytest.raises(openai.APIStatusError) as caught:
+            ask(client, host + "/huge.bin")
+        assert caught.value.status_code == 413
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, host + "/missing.png")
+        assert "could not fetch" in caught.value.message
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, "file:///etc/passwd")
+        assert "unsupported image URL scheme" in caught.value.message
