@@ -1,0 +1,120 @@
+"""Quantized checkpoints: `save_quantized` writes config.json (with a `quantization` entry), one safetensors
+file of int8/int4 weights + bf16 rest, and the source's tokenizer / preprocessor files; `load_quantized` builds
+the model skeleton on the meta device and assigns the stored tensors, so loading never holds a full-precision
+copy (peak memory ~ the quantized size)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from mobilevlm.errors import CheckpointError
+from mobilevlm.fast.quantize import QUANTIZED_CLASSES, quantizable_linears
+
+WEIGHTS = "model.safetensors"
+# Non-weight files of a checkpoint directory that a quantized copy needs unchanged.
+CARRIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                 "generation_config.json", "added_tokens.json")
+
+
+def save_quantized(model, source_dir, out_dir) -> Path:
+    """Writes a quantized model (see `quantize_model`) with the files of its source checkpoint directory."""
+    from safetensors.torch import save_file
+
+    quantization = getattr(model.config, "quantization", None)
+    if not quantization:
+        raise CheckpointError("the model is not quantized; call quantize_model(model, 'int8'|'int4') first")
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(source_dir).resolve():
+        raise CheckpointError(f"{out_dir}: the output directory must differ from the source checkpoint")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in CARRIED_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copyfile(Path(source_dir) / name, out_dir / name)
+    # safetensors refuses tensors that share storage (views made by the lean decoder's fusion): copy those.
+    state = {key: (value.clone() if value._base is not None or not value.is_contiguous() else value)
+             for key, value in model.state_dict().items()}
+    save_file(state, out_dir / WEIGHTS, metadata={"format": "pt", "mobilevlm_quantization": quantization["mode"]})
+    config = model.config.to_dict()
+    config["dtype"] = "bfloat16"
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def is_quantized_checkpoint(model_dir) -> bool:
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        return bool(json.loads(config_file.read_text()).get("quantization"))
+    except json.JSONDecodeError:
+        return False
+
+
+def _empty_quantized_model(config):
+    from mobilevlm.model.mobilevlm import MobileLlamaForCausalLM
+
+    quantization = config.quantization
+    mode = quantization.get("mode")
+    if mode not in QUANTIZED_CLASSES:
+        raise CheckpointError(f"config.json: quantization.mode {mode!r} is not one of {', '.join(QUANTIZED_CLASSES)}")
+    kind = QUANTIZED_CLASSES[mode]
+    with torch.device("meta"):
+        model = MobileLlamaForCausalLM(config)
+    model.to(torch.bfloat16)
+    for parent, attr, _, linear in list(quantizable_linears(model, quantization.get("include_vision", False))):
+        setattr(parent, attr, kind.empty(linear.out_features, linear.in_features, linear.bias is not None,
+                                         quantization.get("group_size") or 0))
+    return model
+
+
+def _rebuild_non_persistent(model, config) -> None:
+    """Buffers that are not saved (rotary frequencies, CLIP position ids) come out of the meta device empty."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.get_model().rotary_emb = LlamaRotaryEmbedding(config)
+    for name, module in model.named_modules():
+        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                if buffer_name != "position_ids":
+                    raise CheckpointError(f"internal: no rule to rebuild buffer {name}.{buffer_name}")
+                module.register_buffer(buffer_name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+
+
+def load_quantized(model_dir):
+    """(tokenizer, model, image_processor, context_len) from a directory written by `save_quantized`."""
+    from safetensors.torch import load_file
+
+    from mobilevlm.model.loading import read_config
+    from mobilevlm.processing import build_image_processor
+    from mobilevlm.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if not getattr(config, "quantization", None):
+        raise CheckpointError(f"{model_dir / 'config.json'}: no 'quantization' entry; this is not a quantized checkpoint")
+    if not (model_dir / WEIGHTS).is_file():
+        raise CheckpointError(f"{model_dir}: no {WEIGHTS}")
+    tokenizer = load_tokenizer(model_dir)
+    model = _empty_quantized_model(config)
+    state = load_file(model_dir / WEIGHTS)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{model_dir / WEIGHTS}: does not fit config.json: {err}") from None
+    del state
+    _rebuild_non_persistent(model, config)
+    leftover = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
+    if leftover:
+        raise CheckpointError(f"{model_dir / WEIGHTS}: no values for {', '.join(leftover[:6])}")
+    for module in model.modules():
+        if hasattr(module, "pack"):
+            module.pack()
+    model.requires_grad_(False)
+    image_processor = None
+    if config.is_multimodal:
+        image_processor = build_image_processor(config.vision_config().image_size, model_dir, config.mm_vision_tower)
+    return tokenizer, model.eval(), image_processor, config.context_length
+

@@ -1,0 +1,228 @@
+"""Weight-only quantization of `nn.Linear` layers on torch's maintained CPU kernels.
+
+- int8: symmetric per-output-channel int8 weights, `torch._weight_int8pack_mm` (bf16 activations). For
+  prefill-sized inputs the weight is dequantized to bf16 and a bf16 GEMM is used instead: the int8 kernel is a
+  GEMV at heart and is ~3x slower than oneDNN's bf16 GEMM once there are more than a few rows.
+- int4: asymmetric group-wise (min/max) 4-bit weights, `aten._weight_int4pack_mm_for_cpu`.
+
+Activations run in bf16 (both kernels are fast only for bf16 inputs on CPU), so `quantize_model` also casts
+the unquantized parts of the model to bf16. Only the language model is quantized by default: the CLIP tower
+and projector see ~600 rows per image, where weight-only int8 loses to the bf16 GEMM (see docs/speed.md).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilevlm.errors import MobileVLMError
+
+MODES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 128
+# Above this many rows the int8 path dequantizes and runs a bf16 GEMM (measured cross-over on AVX-512 BF16).
+INT8_GEMM_ROWS = 16
+# The CPU int4 kernel packs output channels in blocks of 64 rows.
+INT4_ROW_BLOCK = 64
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + bias with q int8 [out, in] and one bf16 scale per output channel."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        weight = linear.weight.detach().float()
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        return cls(qweight, scales.to(torch.bfloat16), bias)
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool, group_size: int = 0) -> "Int8Linear":
+        return cls(torch.empty(out_features, in_features, dtype=torch.int8),
+                   torch.empty(out_features, dtype=torch.bfloat16),
+                   torch.empty(out_features, dtype=torch.bfloat16) if bias else None)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.to(torch.bfloat16) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x2.shape[0] > INT8_GEMM_ROWS:
+            y = F.linear(x2, self.dequantize())
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """Group-wise asymmetric int4: w = (q - 8) * scale + zero per group of `group_size` input channels.
+
+    In checkpoints: `qweight` uint8 [out, in/2] (even input channel in the low nibble) and `scales_and_zeros`
+    bf16 [in/group, out, 2]. In memory only the kernel's packed tensor is kept (half the bytes of a second copy);
+    its layout is private to torch's CPU kernel, so `qweight` is rebuilt from it only when that layout is the one
+    checked by `_kernel_layout_known` (else the portable copy is kept as well).
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.group_size = group_size
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._portable: torch.Tensor | None = qweight
+        self._packed: torch.Tensor | None = None
+
+    @staticmethod
+    def supports(linear: nn.Linear, group_size: int) -> bool:
+        return linear.out_features % INT4_ROW_BLOCK == 0 and linear.in_features % group_size == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> "Int4Linear":
+        out_features, in_features = linear.weight.shape
+        weight = linear.weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+        low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
+        scales = ((high - low) / 15).clamp(min=1e-8)
+        q = torch.round((weight - low) / scales).clamp(0, 15).to(torch.uint8).reshape(out_features, in_features)
+        zeros = low + 8 * scales  # so that (q - 8) * scale + zero == low + q * scale
+        scales_and_zeros = torch.stack([scales.squeeze(-1), zeros.squeeze(-1)], -1).transpose(0, 1).contiguous()
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        return cls(q[:, 0::2] | (q[:, 1::2] << 4), scales_and_zeros.to(torch.bfloat16), group_size, bias)
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool, group_size: int) -> "Int4Linear":
+        return cls(torch.empty(out_features, in_features // 2, dtype=torch.uint8),
+                   torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16), group_size,
+                   torch.empty(out_features, dtype=torch.bfloat16) if bias else None)
+
+    def values(self) -> torch.Tensor:
+        """The unsigned 4-bit values, [out, in] uint8."""
+        if self._portable is not None:
+            nibbles = torch.stack([self._portable & 15, self._portable >> 4], -1)
+            return nibbles.reshape(self.out_features, self.in_features)
+        return _unpack_kernel_layout(self._packed, self.out_features, self.in_features)
+
+    def portable(self) -> torch.Tensor:
+        if self._portable is not None:
+            return self._portable
+        q = self.values()
+        return q[:, 0::2] | (q[:, 1::2] << 4)
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.values().float().reshape(self.out_features, -1, self.group_size)
+        scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)
+        return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
+
+    def pack(self) -> None:
+        """Builds the kernel's packed weight (once, after quantizing or loading)."""
+        if self._packed is None:
+            self._packed = torch._convert_weight_to_int4pack_for_cpu(self.values().to(torch.int32), 1)
+            if _kernel_layout_known():
+                self._portable = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.pack()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "qweight"] = self.portable()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "qweight"
+        if key in state_dict:
+            qweight = state_dict[key]
+            if tuple(qweight.shape) != (self.out_features, self.in_features // 2) or qweight.dtype != torch.uint8:
+                error_msgs.append(f"{key}: expected uint8 {(self.out_features, self.in_features // 2)}, "
+                                  f"got {qweight.dtype} {tuple(qweight.shape)}")
+            else:
+                self._portable, self._packed = qweight, None
+        else:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+
+
+def _unpack_kernel_layout(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of the AVX-512 CPU packing: per block of 64 output rows, for each input channel, 32 bytes whose
+    low nibbles are rows 0-31 and high nibbles rows 32-63."""
+    blocks = packed.reshape(out_features // INT4_ROW_BLOCK, in_features, INT4_ROW_BLOCK // 2)
+    rows = torch.cat([blocks & 15, blocks >> 4], -1)
+    return rows.transpose(1, 2).reshape(out_features, in_features)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_layout_known() -> bool:
+    probe = torch.randint(0, 16, (2 * INT4_ROW_BLOCK, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return packed.numel() * 2 == probe.numel() and torch.equal(
+        _unpack_kernel_layout(packed, *probe.shape).to(torch.int32), probe)
+
+
+QUANTIZED_CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def quantizable_linears(model: nn.Module, include_vision: bool = False):
+    """(parent, attribute name, qualified name, linear) for every quantizable `nn.Linear` of the model."""
+    for name, module in model.named_modules():
+        if not include_vision and (".vision_tower" in f".{name}" or ".mm_projector" in f".{name}"):
+            continue
+        for child_name, child in module.named_children():
+            if type(child) is nn.Linear:
+                yield module, child_name, f"{name}.{child_name}" if name else child_name, child
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                   include_vision: bool = False) -> nn.Module:
+    """Replaces the language model's linears (and the vision side's with `include_vision`) in place.
+
+    Everything else is cast to bf16. Returns the model; records the scheme in `model.config.quantization`
+    so that `save_quantized` writes it and the loader rebuilds the same modules.
+    """
+    if mode not in MODES:
+        raise MobileVLMError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise MobileVLMError(f"--quantize {mode} uses CPU kernels; the model is on {device} (use --load-8bit/4bit on GPU)")
+    model.to(torch.bfloat16)
+    skipped = []
+    for parent, attr, name, linear in list(quantizable_linears(model, include_vision)):
+        if mode == "int4" and not Int4Linear.supports(linear, group_size):
+            skipped.append(name)
+            continue
+        quantized = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
+        setattr(parent, attr, quantized)
+    if skipped:
+        raise MobileVLMError(f"int4 needs out_features % {INT4_ROW_BLOCK} == 0 and in_features % {group_size} == 0; "
+                             f"these layers do not fit: {', '.join(skipped[:6])} (try a smaller --group-size)")
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
+    if hasattr(model, "config"):
+        model.config.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
+                                     "include_vision": include_vision}
+    return model
