@@ -88,7 +88,9 @@ def load_model(model_dir: Path, config: MobileVLMConfig, dtype: torch.dtype, dev
 
     if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
         raise CheckpointError(f"{model_dir}: no weights ({' / '.join(WEIGHT_FILES)})")
-    kwargs = dict(config=config, dtype=dtype, output_loading_info=True)
+    # Mismatched shapes are collected in the loading info (and raised below naming the keys) instead of
+    # transformers' own RuntimeError, which names none.
+    kwargs = dict(config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if quantization_config is not None:
