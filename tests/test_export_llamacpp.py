@@ -67,7 +67,7 @@ def _greedy_ours(model, embeds: torch.Tensor, max_new_tokens: int, eos: int) -> 
     return out
 
 
-@pytest.mark.parametrize("outtype, logit_tol", [("f32", 1e-3), ("q8_0", 0.1)])
+@pytest.mark.parametrize("outtype, logit_tol", [("f32", 2e-3), ("q8_0", 0.1)])  # f32: llama.cpp keeps an F16 KV cache
 def test_text_prompt_matches_in_llamacpp(setup, outtype, logit_tol):
     if setup["preset"] != "tiny_v2":
         pytest.skip("the language model is the same for both projectors")

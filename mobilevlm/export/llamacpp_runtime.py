@@ -35,6 +35,11 @@ class LlamaCppVLM:
         self.n_batch = n_ctx
         self.mtmd = None
         if mmproj_path is not None:
+            from llama_cpp._logger import llama_log_callback
+
+            # mtmd logs straight to stderr by default; llama-cpp-python's callback honours verbose=False.
+            mtmd_cpp.mtmd_log_set(llama_log_callback, None)
+            mtmd_cpp.mtmd_helper_log_set(llama_log_callback, None)
             params = mtmd_cpp.mtmd_context_params_default()
             params.use_gpu = False
             params.n_threads = n_threads
