@@ -216,6 +216,8 @@ async def _complete(work: WorkQueue, job: Job, reply: _Reply, request: Request) 
                 pieces.append(value)
             elif kind == "error":
                 raise _error_for(value)
+            elif kind == "cancelled":  # the client has gone; this response is for the log only
+                raise ApiError(499, "client closed the request")
             else:
                 break
     finally:
@@ -237,6 +239,8 @@ async def _sse(work: WorkQueue, job: Job, reply: _Reply, include_usage: bool):
             elif kind == "error":
                 yield f"data: {json.dumps(_error_for(value).body())}\n\n"
                 break
+            elif kind == "cancelled":
+                return
             else:
                 usage, finish = reply.usage_and_finish("".join(pieces))
                 yield reply.chunk({}, finish)

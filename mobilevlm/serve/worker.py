@@ -45,7 +45,7 @@ class Job:
             pass
 
     async def next_event(self) -> tuple[str, object]:
-        """("piece", text) ..., then ("done", None) or ("error", exception)."""
+        """("piece", text) ..., then ("done", None), ("error", exception) or ("cancelled", None)."""
         return await self.events.get()
 
 
@@ -91,6 +91,7 @@ class WorkQueue:
             if not job.started and not job.released:
                 self._release(job)
                 self.cancelled += 1
+                job.emit("cancelled")  # the worker will skip it: end the handler's wait here
 
     def _release(self, job: Job) -> None:  # caller holds the lock
         job.released = True
