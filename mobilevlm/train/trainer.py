@@ -116,6 +116,7 @@ class VLMTrainer(Trainer):
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(run_dir, STAGING_DIR, name), final)
+            shutil.rmtree(os.path.join(run_dir, STAGING_DIR), ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
