@@ -165,15 +165,54 @@ def test_quantized_language_model(v2_ckpt, tmp_path):
     assert _tensors(result.mmproj)["v.blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
 
 
-def test_sharded_bin_checkpoint_exports_the_same_tensors(v2_f32, tmp_path):
-    ckpt = make_tiny_checkpoint(tmp_path / "bin", "tiny_v2", weights="bin", max_shard_size="100KB")
-    assert (ckpt / "pytorch_model.bin.index.json").is_file()
+@pytest.mark.parametrize("weights, index", [("bin", "pytorch_model.bin.index.json"),
+                                            ("safetensors", "model.safetensors.index.json")])
+def test_sharded_checkpoints_export_the_same_tensors(v2_f32, tmp_path, weights, index):
+    ckpt = make_tiny_checkpoint(tmp_path / weights, "tiny_v2", weights=weights, max_shard_size="100KB")
+    assert (ckpt / index).is_file()
     result = export_gguf(ckpt, tmp_path / "out", "f32")
     for ours, reference in ((result.language_model, v2_f32.language_model), (result.mmproj, v2_f32.mmproj)):
         got, want = _tensors(ours), _tensors(reference)
         assert list(got) == list(want)
         for name in want:
             np.testing.assert_array_equal(got[name].data, want[name].data, err_msg=name)
+
+
+def test_tensors_are_streamed_one_at_a_time(tmp_path):
+    """Each tensor is produced only after the previous one was written and released (bounded memory)."""
+    import weakref
+
+    from mobilevlm.export.tensors import PlannedTensor, write_gguf
+
+    released = []
+
+    def producer(i):
+        def produce():
+            assert all(ref() is None for ref in released), "an earlier tensor is still held in memory"
+            data = np.full((4, 32), float(i), dtype=np.float32)
+            released.append(weakref.ref(data))
+            return data
+        return produce
+
+    types = [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16]
+    plan = [PlannedTensor(f"t{i}", (4, 32), types[i % 3], producer(i)) for i in range(6)]
+    path = write_gguf(gguf.GGUFWriter(None, "llama"), tmp_path / "s.gguf", plan)
+    for i, tensor in enumerate(_tensors(path).values()):
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type) if i % 3 == 1 else tensor.data
+        np.testing.assert_allclose(values, np.full((4, 32), float(i)), atol=1e-3)  # Q8_0 scales are F16
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    from mobilevlm.export.tensors import PlannedTensor, write_gguf
+
+    def broken():
+        raise CheckpointError("shard unreadable")
+
+    plan = [PlannedTensor("ok", (2, 32), gguf.GGMLQuantizationType.F32, lambda: np.zeros((2, 32), np.float32)),
+            PlannedTensor("bad", (2, 32), gguf.GGMLQuantizationType.F32, broken)]
+    with pytest.raises(CheckpointError, match="shard unreadable"):
+        write_gguf(gguf.GGUFWriter(None, "llama"), tmp_path / "x.gguf", plan)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_text_only_mobilellama_exports_the_language_model_alone(tmp_path):
