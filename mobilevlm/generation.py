@@ -133,11 +133,12 @@ class Pipeline:
         tags = prompt.count(DEFAULT_IMAGE_TOKEN)
         if tags != len(images):
             raise PromptError(f"the prompt has {tags} <image> tag(s) but {len(images)} image(s) were given")
+        pixels = self._pixels(images)  # first: a text-only model has no image-token count to ask for
         ids = tokenizer_image_token(prompt, self.tokenizer)
         length = len(ids) + len(images) * (self.model.config.num_image_tokens - 1) if images else len(ids)
         if length >= self.context_len:
             raise PromptError(f"the prompt is {length} tokens (images included); the model's context is {self.context_len}")
-        return ids, self._pixels(images), min(max_new_tokens, self.context_len - length)
+        return ids, pixels, min(max_new_tokens, self.context_len - length)
 
     def _generate_ids(self, ids_batch: list[list[int]], pixels: torch.Tensor | None, settings: GenerationSettings,
                       budget: int, streamer=None, cancel: threading.Event | None = None) -> torch.Tensor:
