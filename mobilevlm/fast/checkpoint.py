@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mobilevlm.errors import CheckpointError
-from mobilevlm.fast.quantize import QUANTIZED_CLASSES, quantizable_linears
+from mobilevlm.fast.quantize import QUANTIZED_CLASSES, quantizable_linears, to_bfloat16
 
 WEIGHTS = "model.safetensors"
 # Non-weight files of a checkpoint directory that a quantized copy needs unchanged.
@@ -34,7 +34,7 @@ def save_quantized(model, source_dir, out_dir) -> Path:
         if (Path(source_dir) / name).is_file():
             shutil.copyfile(Path(source_dir) / name, out_dir / name)
     # safetensors refuses tensors that share storage (views made by the lean decoder's fusion): copy those.
-    state = {key: (value.clone() if value._base is not None or not value.is_contiguous() else value)
+    state = {key: (value.clone(memory_format=torch.contiguous_format) if value._base is not None or not value.is_contiguous() else value)
              for key, value in model.state_dict().items()}
     save_file(state, out_dir / WEIGHTS, metadata={"format": "pt", "mobilevlm_quantization": quantization["mode"]})
     config = model.config.to_dict()
@@ -63,7 +63,7 @@ def _empty_quantized_model(config):
     kind = QUANTIZED_CLASSES[mode]
     with torch.device("meta"):
         model = MobileLlamaForCausalLM(config)
-    model.to(torch.bfloat16)
+    to_bfloat16(model)
     for parent, attr, _, linear in list(quantizable_linears(model, quantization.get("include_vision", False))):
         setattr(parent, attr, kind.empty(linear.out_features, linear.in_features, linear.bias is not None,
                                          quantization.get("group_size") or 0))

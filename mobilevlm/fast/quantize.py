@@ -102,7 +102,7 @@ class Int4Linear(nn.Module):
         zeros = low + 8 * scales  # so that (q - 8) * scale + zero == low + q * scale
         scales_and_zeros = torch.stack([scales.squeeze(-1), zeros.squeeze(-1)], -1).transpose(0, 1).contiguous()
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-        return cls(q[:, 0::2] | (q[:, 1::2] << 4), scales_and_zeros.to(torch.bfloat16), group_size, bias)
+        return cls((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scales_and_zeros.to(torch.bfloat16), group_size, bias)
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, bias: bool, group_size: int) -> "Int4Linear":
@@ -121,7 +121,7 @@ class Int4Linear(nn.Module):
         if self._portable is not None:
             return self._portable
         q = self.values()
-        return q[:, 0::2] | (q[:, 1::2] << 4)
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
     def dequantize(self) -> torch.Tensor:
         q = self.values().float().reshape(self.out_features, -1, self.group_size)
@@ -196,6 +196,17 @@ def quantizable_linears(model: nn.Module, include_vision: bool = False):
                 yield module, child_name, f"{name}.{child_name}" if name else child_name, child
 
 
+def to_bfloat16(model: nn.Module) -> nn.Module:
+    """Casts parameters and buffers to bf16 except rotary frequencies, which transformers keeps in fp32 (in
+    bf16 the positions' angles drift by up to ~0.4 % and every attention score with them)."""
+    rotary = {name: buffer for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(torch.bfloat16)
+    for name, buffer in rotary.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = buffer
+    return model
+
+
 def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
                    include_vision: bool = False) -> nn.Module:
     """Replaces the language model's linears (and the vision side's with `include_vision`) in place.
@@ -208,7 +219,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise MobileVLMError(f"--quantize {mode} uses CPU kernels; the model is on {device} (use --load-8bit/4bit on GPU)")
-    model.to(torch.bfloat16)
+    to_bfloat16(model)
     skipped = []
     for parent, attr, name, linear in list(quantizable_linears(model, include_vision)):
         if mode == "int4" and not Int4Linear.supports(linear, group_size):

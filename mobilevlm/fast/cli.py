@@ -1,0 +1,42 @@
+"""`mobilevlm quantize`: write a weight-only int8 / int4 copy of a checkpoint for fast CPU inference."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("quantize", help="write an int8/int4 weight-only quantized checkpoint (CPU)")
+    parser.add_argument("--model", required=True, help="full-precision checkpoint directory")
+    parser.add_argument("--out", required=True, help="output directory (load it with --model like any checkpoint)")
+    parser.add_argument("--mode", required=True, choices=("int8", "int4"))
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (input channels per scale)")
+    parser.add_argument("--include-vision", action="store_true",
+                        help="also quantize the CLIP tower and projector linears (slower on CPU; smaller)")
+    parser.add_argument("--report", action="store_true",
+                        help="print logit differences and greedy agreement against full precision")
+    parser.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import json
+
+    from mobilevlm.fast.checkpoint import save_quantized
+    from mobilevlm.fast.quantize import quantize_model
+    from mobilevlm.model.loading import load_pretrained_model
+
+    tokenizer, model, _, _ = load_pretrained_model(args.model, device="cpu", dtype="bfloat16")
+    reference = None
+    if args.report:
+        import copy
+
+        reference = copy.deepcopy(model).float()
+    quantize_model(model, args.mode, args.group_size, include_vision=args.include_vision)
+    out = save_quantized(model, args.model, args.out)
+    print(f"wrote {args.mode} checkpoint to {out}")
+    if reference is not None:
+        from mobilevlm.fast.quality import logit_report
+
+        ids = tokenizer("A chat between a curious user and an artificial intelligence assistant. USER: "
+                        "Describe the image in detail. ASSISTANT:").input_ids
+        print(json.dumps(logit_report(reference, model, ids), indent=2))
+    return 0

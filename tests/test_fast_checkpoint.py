@@ -1,0 +1,74 @@
+"""Offline quantized checkpoints: `mobilevlm quantize` writes one, it loads back to the same model."""
+import copy
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from mobilevlm.cli import main
+from mobilevlm.errors import CheckpointError
+from mobilevlm.fast.checkpoint import load_quantized, save_quantized
+from mobilevlm.fast.pipeline import FastPipeline
+from mobilevlm.fast.quantize import Int4Linear, Int8Linear, quantize_model
+from mobilevlm.generation import GenerationSettings
+from mobilevlm.model.loading import load_pretrained_model
+from mobilevlm.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("src") / "tiny", "tiny_v2", seed=7)
+
+
+@pytest.mark.parametrize("mode,kind", [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_quantized_checkpoint_round_trips(source, tmp_path, mode, kind):
+    _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
+    quantize_model(model, mode, group_size=32)
+    out = save_quantized(model, source, tmp_path / mode)
+    assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == mode
+    assert (out / "tokenizer.model").is_file() and (out / "preprocessor_config.json").is_file()
+    _, loaded, processor, _ = load_quantized(out)
+    assert processor is not None
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, kind)
+    original, reloaded = model.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys()
+    assert all(torch.equal(original[k], reloaded[k]) for k in original)
+    ids = torch.tensor([[1, 5, 9, -200, 30, 31]])
+    pixels = torch.randn(1, 3, 96, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(input_ids=ids, images=pixels).logits, model(input_ids=ids, images=pixels).logits,
+                                   atol=0, rtol=0)
+
+
+def test_cli_quantize_then_fast_pipeline_matches_load_time_quantization(source, tmp_path):
+    assert main(["quantize", "--model", str(source), "--out", str(tmp_path / "q"), "--mode", "int4",
+                 "--group-size", "32"]) == 0
+    offline = FastPipeline.from_pretrained(tmp_path / "q")
+    online = FastPipeline.from_pretrained(source, quantize="int4", group_size=32)
+    image = Image.new("RGB", (64, 80), (10, 200, 30))
+    prompt = online.build_prompt("What colour is the square?")
+    results = []
+    for pipe in (offline, online):
+        ids, pixels, budget = pipe.encode(prompt, [image], 16)
+        results.append(pipe._generate_ids([ids], pixels, GenerationSettings(max_new_tokens=16), budget).tolist())
+    assert results[0] == results[1] and len(results[0][0]) == 16
+
+
+def test_damaged_quantized_checkpoint_is_a_clear_error(source, tmp_path):
+    _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
+    out = save_quantized(quantize_model(model, "int8"), source, tmp_path / "q")
+    state = load_file(out / "model.safetensors")
+    del state["model.layers.0.mlp.up_proj.qweight"]
+    save_file(state, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match="up_proj.qweight"):
+        load_quantized(out)
+    with pytest.raises(CheckpointError, match="not a quantized checkpoint"):
+        load_quantized(source)
+
+
+def test_saving_an_unquantized_model_is_refused(source, tmp_path):
+    _, model, _, _ = load_pretrained_model(source)
+    with pytest.raises(CheckpointError, match="not quantized"):
+        save_quantized(copy.deepcopy(model), source, tmp_path / "x")

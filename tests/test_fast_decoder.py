@@ -1,0 +1,94 @@
+"""The lean decoder and FastPipeline against the transformers path of Pipeline (tiny checkpoints)."""
+import pytest
+import torch
+from PIL import Image
+
+from mobilevlm.fast.decoder import LeanDecoder
+from mobilevlm.fast.pipeline import FastPipeline, sample_next
+from mobilevlm.generation import GenerationSettings, Pipeline
+from mobilevlm.testing import make_tiny_checkpoint, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    return {preset: make_tiny_checkpoint(root / preset, preset, seed=5) for preset in ("tiny_v2", "tiny_llama")}
+
+
+def _ids(pipe, prompt, images, n=24):
+    ids, pixels, budget = pipe.encode(prompt, images, n)
+    return pipe._generate_ids([ids], pixels, GenerationSettings(max_new_tokens=n), budget)[0].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("preset", ["tiny_v2", "tiny_llama"])
+def test_greedy_tokens_equal_transformers_path(checkpoints, preset, dtype):
+    reference = Pipeline.from_pretrained(checkpoints[preset], dtype=dtype)
+    fast = FastPipeline.from_pretrained(checkpoints[preset], dtype=dtype)
+    images = [Image.new("RGB", (120, 90), (200, 30, 40))] if preset == "tiny_v2" else []
+    for question in ("What is in the image?", "Is there a blue triangle? Please answer yes or no."):
+        prompt = reference.build_prompt(question, num_images=len(images))
+        expected = _ids(reference, prompt, images)
+        assert len(expected) == 24
+        assert _ids(fast, prompt, images) == expected
+
+
+def test_prefill_and_steps_match_full_forward():
+    model = make_tiny_model("tiny_llama", seed=2)
+    decoder = LeanDecoder(model, max_len=64)
+    ids = list(range(3, 40))
+    with torch.inference_mode():
+        full = model(input_ids=torch.tensor([ids])).logits[0]
+    logits = decoder.prefill(decoder.embed_prompt(ids[:30], None))
+    torch.testing.assert_close(logits, full[29], atol=1e-4, rtol=1e-4)
+    for position in range(30, len(ids)):
+        logits = decoder.step(ids[position])
+        torch.testing.assert_close(logits, full[position], atol=1e-4, rtol=1e-4)
+    # a new prefill starts a new sequence (the cache is reused, not appended to)
+    torch.testing.assert_close(decoder.prefill(decoder.embed_prompt(ids[:30], None)), full[29], atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_keeps_model_weights_shared_and_unchanged():
+    model = make_tiny_model("tiny_llama", seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decoder = LeanDecoder(model, max_len=16)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fused = decoder.layers[0].qkv.weight
+    assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() == fused[64:].data_ptr()
+
+
+def test_context_overflow_is_a_clear_error():
+    from mobilevlm.errors import PromptError
+
+    decoder = LeanDecoder(make_tiny_model("tiny_llama"), max_len=8)
+    decoder.prefill(decoder.embed_prompt(list(range(3, 11)), None))
+    with pytest.raises(PromptError, match="context is 8"):
+        decoder.step(5)
+
+
+def test_stream_stop_strings_and_sampling(checkpoints):
+    fast = FastPipeline.from_pretrained(checkpoints["tiny_llama"], dtype="float32")
+    prompt = fast.build_prompt("Hello world! How are you today?", num_images=0)
+    full = fast.generate(prompt, max_new_tokens=16)
+    assert "".join(fast.stream(prompt, max_new_tokens=16)) .strip() == full
+    if len(full) > 4:
+        stop = full[2:4]
+        assert stop not in fast.generate(prompt, max_new_tokens=16, stop=[stop])
+    torch.manual_seed(0)
+    first = fast.generate(prompt, max_new_tokens=12, temperature=0.9, top_p=0.9)
+    torch.manual_seed(0)
+    assert fast.generate(prompt, max_new_tokens=12, temperature=0.9, top_p=0.9) == first
+    # beam search and batches go through the transformers path and still work
+    assert fast.generate(prompt, max_new_tokens=6, num_beams=2) is not None
+    assert fast.generate_batch([(prompt, None), (prompt, None)], max_new_tokens=8) == [fast.generate(prompt, max_new_tokens=8)] * 2
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([5.0, 4.9, -10.0, -10.0])
+    settings = GenerationSettings(temperature=1.0, top_p=0.5)
+    torch.manual_seed(0)
+    assert {sample_next(logits, settings) for _ in range(50)} == {0}
+    settings = GenerationSettings(temperature=1.0, top_p=0.99)
+    assert {sample_next(logits, settings) for _ in range(200)} == {0, 1}
+    assert sample_next(logits, GenerationSettings()) == 0
