@@ -253,6 +253,19 @@ def test_refuses_inconsistent_weights(v2_ckpt, tmp_path):
         export_gguf(broken, tmp_path / "out", "f16")
 
 
+def test_refuses_a_checkpoint_without_vision_weights(v2_ckpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    stripped = tmp_path / "stripped"
+    shutil.copytree(v2_ckpt, stripped)
+    state = {k: v for k, v in _state_dict(v2_ckpt).items() if not k.startswith("model.vision_tower.")}
+    save_file(state, str(stripped / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no vision tower"):
+        export_gguf(stripped, tmp_path / "out", "f16")
+
+
 def test_cli(v2_ckpt, tmp_path, capsys):
     from mobilevlm.cli import main
 

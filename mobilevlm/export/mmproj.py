@@ -108,6 +108,11 @@ def _planned(ckpt: CheckpointTensors, config, outtype: str) -> list[PlannedTenso
             qtype = matrix_type
         return PlannedTensor(dst, shape, qtype, lambda: ckpt.load(src).numpy().reshape(shape))
 
+    if TOWER + "embeddings.patch_embedding.weight" not in ckpt:
+        raise CheckpointError(
+            f"{ckpt.model_dir}: the weights hold no vision tower ({TOWER}*); the mmproj needs the CLIP weights "
+            "inside the checkpoint, as MobileVLM releases and `mobilevlm train` save them"
+        )
     plan = [tensor(TOWER + src, dst) for src, dst in _VIT_GLOBAL.items()]
     for i in range(_stored_layers(config, vision)):
         for src, dst in _VIT_LAYER.items():
