@@ -5,7 +5,9 @@ import base64
 import io
 import os
 import shutil
+import time
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -61,10 +63,10 @@ def api_answer(server, messages, max_tokens, stream=False):
     return reply.choices[0].message.content
 
 
-def ask(page, question: str, max_tokens: int, answers_before: int) -> str:
+def ask(page, question: str, max_tokens: int, answers_before: int, press_enter: bool = False):
     page.fill("#max-tokens", str(max_tokens))
     page.fill("#question", question)
-    page.click("#send")
+    page.press("#question", "Enter") if press_enter else page.click("#send")
     page.wait_for_function(f"document.body.dataset.state === 'idle' && "
                            f"document.querySelectorAll('.msg.assistant, .msg.error').length > {answers_before}")
     return page.locator("#messages .msg").last
@@ -84,7 +86,8 @@ def test_image_question_then_follow_up(page, server):
     expected1 = api_answer(server, turn1, 12)
     assert first.inner_text().strip() == expected1
 
-    second = ask(page, "What colour is it?", 8, 1)
+    assert page.is_hidden("#stop")
+    second = ask(page, "What colour is it?", 8, 1, press_enter=True)
     turn2 = turn1 + [{"role": "assistant", "content": expected1}, {"role": "user", "content": "What colour is it?"}]
     assert second.inner_text().strip() == api_answer(server, turn2, 8)
 
@@ -108,3 +111,21 @@ def test_bad_image_shows_the_error_and_the_chat_goes_on(page, server):
     assert len(pieces) > 3
     # two bubbles added, then the answer's text replaced once per streamed piece
     assert page.evaluate("window.updates") >= 2 + len(pieces)
+
+
+def test_stop_button_cancels_the_generation_on_the_server(page, server):
+    page.click("#new-chat")
+    page.fill("#max-tokens", "1000")
+    page.fill("#question", "Tell me a long story.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.msg.assistant .text')?.textContent.length > 0")
+    page.click("#stop")
+    page.wait_for_selector("body[data-state=idle]")
+    assert page.is_hidden("#stop")
+    deadline = time.monotonic() + 10
+    while httpx.get(server + "/health", auth=("me", KEY)).json()["queue"]["cancelled"] < 1:
+        assert time.monotonic() < deadline, "the server did not cancel the stopped answer"
+        time.sleep(0.05)
+    # what was said before Stop stays in the history, and the chat goes on
+    answer = ask(page, "Hello world!", 4, 1)
+    assert "assistant" in answer.get_attribute("class")

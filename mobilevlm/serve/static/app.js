@@ -133,7 +133,10 @@ async function send(event) {
 async function init() {
   $("composer").addEventListener("submit", send);
   $("question").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey) $("composer").requestSubmit();
+    if (e.key === "Enter" && !e.shiftKey) {
+      e.preventDefault();
+      $("composer").requestSubmit();
+    }
   });
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("new-chat").addEventListener("click", () => {
