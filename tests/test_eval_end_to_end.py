@@ -149,3 +149,36 @@ def test_chunked_subprocesses_merge_in_question_order(setup, pipe, tmp_path):
     assert [a["question_id"] for a in chunked] == [i.question_id for i in read_items("pope", data)]
     assert [a["text"] for a in chunked] == [a["text"] for a in whole]
     assert len(read_answers(chunk_path(tmp_path / "chunked", "pope", 2, 1))) == 3
+
+
+def test_launcher_spreads_chunks_over_gpus_and_reports_failures(setup, tmp_path, monkeypatch):
+    from mobilevlm.eval import launcher
+
+    _, data = setup
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert [launcher._chunk_env(3, k, "cuda:1")["CUDA_VISIBLE_DEVICES"] for k in range(3)] == ["2", "5", "2"]
+    assert launcher._chunk_env(2, 0, "cpu")["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    launched = []
+
+    class FakeProcess:
+        """Writes the chunk's answers the way `eval generate` would, or fails for chunk 1 when asked."""
+
+        def __init__(self, command, stdout, stderr, env):
+            launched.append((command, env["CUDA_VISIBLE_DEVICES"]))
+            self.fail = "--fail" in os.environ.get("FAKE_MODE", "") and command[command.index("--chunk-idx") + 1] == "1"
+            answers = Path(command[command.index("--answers") + 1])
+            k, n = (int(command[command.index(flag) + 1]) for flag in ("--chunk-idx", "--num-chunks"))
+            chunk = get_chunk(read_items("pope", data), n, k)
+            answers.write_text("".join(json.dumps({"question_id": i.question_id, "prompt": i.prompt, "text": "Yes"}) + "\n" for i in chunk))
+
+        def wait(self):
+            return 1 if self.fail else 0
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakeProcess)
+    merged = run_generation("m", "pope", data, tmp_path, num_chunks=4, device="cuda:0")
+    assert [a["question_id"] for a in read_answers(merged)] == [i.question_id for i in read_items("pope", data)]
+    assert [env for _, env in launched] == ["2", "5", "2", "5"]
+    assert all(command[command.index("--device") + 1] == "cuda" for command, _ in launched)
+    monkeypatch.setenv("FAKE_MODE", "--fail")
+    with pytest.raises(launcher.ChunkFailed, match=r"1 generation chunk\(s\) failed; see .*4_1.log"):
+        run_generation("m", "pope", data, tmp_path / "again", num_chunks=4, device="cuda")

@@ -86,9 +86,11 @@ def run_generation(model: str, benchmark: str, data_dir: Path, out_dir: Path, nu
         return merge(parts, answers_path(out_dir, benchmark))
     running = []
     for k, part in enumerate(parts):
+        # Each GPU chunk sees one device (CUDA_VISIBLE_DEVICES), which it calls "cuda".
+        chunk_device = "cuda" if device.startswith("cuda") else device
         command = [sys.executable, "-m", "mobilevlm.cli", "eval", "generate", benchmark, "--model", str(model),
                    "--data-dir", str(data_dir), "--answers", str(part), "--num-chunks", str(num_chunks),
-                   "--chunk-idx", str(k), "--batch-size", str(batch_size), "--device", device]
+                   "--chunk-idx", str(k), "--batch-size", str(batch_size), "--device", chunk_device]
         command += ["--limit", str(limit)] if limit is not None else []
         command += ["--dtype", dtype] if dtype else []
         command += ["--conv-mode", conv_mode] if conv_mode else []
