@@ -200,3 +200,14 @@ def test_oversized_image_and_body_are_413(client, server):
 def test_unknown_route_is_404_json(server):
     response = httpx.get(server + "/v2/nothing")
     assert response.status_code == 404 and "error" in response.json()
+
+
+def test_sampling_with_a_seed_is_repeatable(client):
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+
+    def sample(seed):
+        return client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, top_p=0.9,
+                                              max_tokens=24, seed=seed).choices[0].message.content
+
+    assert sample(1) == sample(1)
+    assert len({sample(1), sample(2), sample(3)}) > 1
