@@ -172,7 +172,7 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
 
 
 def pretrain_language_model(texts: list[str], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
-                            batch_size: int = 32, lr: float = 3e-3, size: LlmSize = LlmSize(), log: Log = print) -> dict:
+                            batch_size: int = 16, lr: float = 3e-3, size: LlmSize = LlmSize(), log: Log = print) -> dict:
     """Next-token training of a tiny LLaMA on chat-formatted text; saved with its tokenizer as a LLaMA checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -91,11 +91,14 @@ def _text_only_turn(rng: random.Random) -> tuple[str, str]:
 
 
 def instruction_samples(scenes: list[Scene], names: list[str], seed: int, popularity: list[str],
-                        text_only_fraction: float = 0.05, max_turns: int = 3) -> list[dict]:
+                        text_only_fraction: float = 0.05, max_turns: int = 6) -> list[dict]:
+    """One conversation per scene. Most have several turns: the 144 image tokens are the bulk of every sample,
+    so each extra question about the same image adds supervision at a fraction of the compute."""
     rng = random.Random(f"{seed}:instructions")
     samples = []
     for i, (scene, name) in enumerate(zip(scenes, names)):
-        turns = [_turn(scene, rng, popularity) for _ in range(rng.randint(1, max_turns))]
+        n_turns = 1 if rng.random() < 0.25 else rng.randint(2, max_turns)
+        turns = [_turn(scene, rng, popularity) for _ in range(n_turns)]
         conversations = []
         for j, (question, answer) in enumerate(turns):
             conversations += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + question},

@@ -1,0 +1,39 @@
+"""`mobilevlm demo`: train a tiny MobileVLM from nothing on generated data, evaluate it, show a few answers."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="train and evaluate a tiny MobileVLM on generated data (CPU, minutes)",
+        description="Generate shape-and-word images with captions, instructions and six benchmark-format test sets; "
+                    "pre-train a tokenizer, a CLIP tower and a MobileLLaMA; run stage I and stage II; evaluate; answer "
+                    "a few questions about held-out images.")
+    parser.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
+    parser.add_argument("--fast", action="store_true", help="smaller data and shorter training (CI, about 3 minutes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
+    parser.add_argument("--projector", choices=("ldpnetv2", "ldpnet"), default="ldpnetv2",
+                        help="ldpnetv2: the MobileVLM V2 recipe (default); ldpnet: the V1 recipe")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import sys
+
+    import torch
+
+    from mobilevlm.demo.pipeline import run_demo
+    from mobilevlm.demo.report import format_summary
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    summary = run_demo(args.out, seed=args.seed, fast=args.fast, projector=args.projector, log=log)
+    print(format_summary(summary), file=sys.stdout, flush=True)
+    return 0

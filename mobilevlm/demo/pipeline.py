@@ -1,0 +1,167 @@
+"""`run_demo`: generated data -> tokenizer, CLIP tower, MobileLLaMA -> stage I -> stage II -> evaluation -> examples.
+
+Stages I and II run through the project's own training pipeline (`mobilevlm.train.pipeline.run_pipeline`, the
+run.sh equivalent, with the CPU-sized V2 or V1 recipe) and the evaluation through `mobilevlm.eval`, on the
+generated benchmark_data tree: the demo exercises the real code paths end to end, only smaller.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from mobilevlm.demo import bases, benchmarks, trainsets
+from mobilevlm.errors import MobileVLMError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    train_images: int = 6000
+    pretrain_samples: int = 3000
+    finetune_samples: int = 6000
+    eval_sizes: dict = field(default_factory=lambda: dict(benchmarks.FULL_SIZES))
+    vocab_size: int = 1000
+    clip_steps: int = 120
+    llm_steps: int = 200
+    pretrain_epochs: float = 1.0
+    finetune_epochs: float = 1.0
+    pretrain_lr: float = 1e-3
+    pretrain_projector_lr: float = 3e-3
+    finetune_lr: float = 1.5e-3
+    batch_size: int = 16
+    tower: bases.TowerSize = bases.TowerSize()
+    llm: bases.LlmSize = bases.LlmSize()
+
+
+FULL = DemoSettings()
+FAST = replace(FULL, train_images=3000, pretrain_samples=1000, finetune_samples=3000,
+               eval_sizes=dict(benchmarks.FAST_SIZES), clip_steps=60, llm_steps=100)
+PROJECTORS = {"ldpnetv2": "tiny_v2", "ldpnet": "tiny_v1"}
+
+
+class _Clock:
+    """Named phases with their wall time, printed as they finish and kept for the summary."""
+
+    def __init__(self, log: Log):
+        self.log = log
+        self.start = time.time()
+        self.phases: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.log(f"==> {name}")
+        begin = time.time()
+        result = fn(*args, **kwargs)
+        self.phases[name] = time.time() - begin
+        self.log(f"    {name}: done in {self.phases[name]:.0f}s (total {time.time() - self.start:.0f}s)")
+        return result
+
+
+def _progress_callback(log: Log):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                done = state.global_step / max(1, state.max_steps)
+                log(f"    step {state.global_step}/{state.max_steps} [{'#' * int(20 * done):<20}] "
+                    f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.1e} ({time.time() - self.begin:.0f}s)")
+
+    return Progress()
+
+
+def prepare_data(out: Path, seed: int, settings: DemoSettings) -> dict:
+    """Images, stage-I / stage-II JSON and the benchmark_data tree; evaluation scenes never occur in training."""
+    scenes = trainsets.training_scenes(seed, settings.train_images)
+    names = trainsets.save_images(scenes, out / "data" / "images")
+    popularity = benchmarks.popularity_order(scenes)
+    captions = trainsets.caption_samples(scenes[: settings.pretrain_samples], names, seed)
+    rng = random.Random(f"{seed}:finetune-order")
+    order = rng.sample(range(len(scenes)), min(settings.finetune_samples, len(scenes)))
+    instructions = trainsets.instruction_samples([scenes[i] for i in order], [names[i] for i in order], seed, popularity)
+    benchmarks.write_benchmark_data(out / "benchmark_data", seed, settings.eval_sizes, scenes)
+    return {
+        "scenes": scenes,
+        "pretrain_json": trainsets.write_json(out / "data" / "pretrain.json", captions),
+        "finetune_json": trainsets.write_json(out / "data" / "finetune.json", instructions),
+        "images": out / "data" / "images",
+        "benchmark_data": out / "benchmark_data",
+        "corpus": trainsets.corpus_lines(captions + instructions),
+        "chats": bases.chat_texts(instructions),
+    }
+
+
+def _stage_args(epochs: float, lr: float, batch: int, extra: list[str] = ()) -> list[str]:
+    return ["--num_train_epochs", str(epochs), "--learning_rate", str(lr), "--per_device_train_batch_size", str(batch),
+            "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--save_strategy", "no", "--logging_steps", "10",
+            "--disable_tqdm", "True", "--model_max_length", "256", *extra]
+
+
+def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str = "ldpnetv2",
+             settings: DemoSettings | None = None, log: Log = print, examples: int = 4) -> dict:
+    """The whole demo; returns {"model", "row", "metrics", "phases", "examples", ...} and writes demo_summary.json."""
+    if projector not in PROJECTORS:
+        raise MobileVLMError(f"--projector {projector!r}: use one of {', '.join(PROJECTORS)}")
+    import torch
+
+    from mobilevlm.eval.evaluate import run_evaluation
+    from mobilevlm.train.pipeline import run_pipeline
+
+    settings = settings or (FAST if fast else FULL)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    clock = _Clock(log)
+    data = clock.run("generate data", prepare_data, out, seed, settings)
+    base = out / "base"
+    clock.run("train tokenizer", bases.train_tokenizer, data["corpus"], base / "tokenizer", settings.vocab_size)
+    tower = clock.run("pre-train CLIP vision tower", bases.pretrain_vision_tower, data["scenes"], base / "tokenizer",
+                      base / "clip-vit-tiny-96", seed, settings.clip_steps, size=settings.tower, log=log)
+    llm = clock.run("pre-train MobileLLaMA", bases.pretrain_language_model, data["chats"], base / "tokenizer",
+                    base / "mobilellama-tiny", seed, settings.llm_steps, size=settings.llm, log=log)
+    recipe = PROJECTORS[projector]
+    train_dir = out / "train"
+    common = dict(language_model=str(base / "mobilellama-tiny"), vision_model=str(base / "clip-vit-tiny-96"),
+                  output_dir=str(train_dir), pretrain_data=str(data["pretrain_json"]), pretrain_images=str(data["images"]),
+                  finetune_data=str(data["finetune_json"]), finetune_images=str(data["images"]),
+                  callbacks=[_progress_callback(log)])
+    projector_lr = ["--mm_projector_lr", str(settings.pretrain_projector_lr)] if recipe == "tiny_v2" else []
+    pretrain_lr = settings.pretrain_projector_lr if recipe == "tiny_v1" else settings.pretrain_lr
+    pretrain_args = _stage_args(settings.pretrain_epochs, pretrain_lr, settings.batch_size, projector_lr)
+    finetune_args = _stage_args(settings.finetune_epochs, settings.finetune_lr, settings.batch_size)
+    clock.run("stage I: pre-training (plain captions)", run_pipeline, recipe, "pretrain", pretrain_args=pretrain_args, **common)
+    trained = clock.run("stage II: instruction tuning (v1)", run_pipeline, recipe, "pretrain-finetune",
+                        pretrain_args=pretrain_args, finetune_args=finetune_args, **common)
+    model_dir = trained["finetune"]
+    evaluation = clock.run("evaluate on the six generated benchmarks", run_evaluation, model_dir, data["benchmark_data"],
+                           out_dir=out / "eval", batch_size=16, log=lambda m: log(f"    {m}"))
+    shown = clock.run("example questions on held-out images", example_answers, model_dir, data["benchmark_data"], examples, seed)
+    summary = {"model": model_dir, "projector": projector, "recipe": recipe, "seed": seed, "fast": fast,
+               "row": evaluation["row"], "metrics": {k: v["score"] for k, v in evaluation["metrics"].items()},
+               "phases": clock.phases, "total_seconds": time.time() - clock.start, "examples": shown,
+               "tower": tower, "llm": llm, "settings": asdict(settings), "results_markdown": evaluation["files"]["markdown"]}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def example_answers(model_dir: str, benchmark_data: Path, count: int, seed: int) -> list[dict]:
+    """A few GQA-style questions on held-out images, answered by the trained model."""
+    from mobilevlm.generation import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_dir)
+    lines = [json.loads(line) for line in (benchmark_data / "gqa" / "llava_gqa_testdev_balanced.jsonl").read_text().splitlines()]
+    truth = json.loads((benchmark_data / "gqa" / "testdev_balanced_questions.json").read_text())
+    shown = []
+    for line in random.Random(f"{seed}:examples").sample(lines, min(count, len(lines))):
+        question = truth[line["question_id"]]["question"]
+        image = benchmark_data / "gqa" / "images" / line["image"]
+        answer = pipe.generate(pipe.build_prompt(line["text"]), images=[str(image)], max_new_tokens=16)
+        shown.append({"image": str(image), "question": question, "answer": answer, "expected": truth[line["question_id"]]["answer"]})
+    return shown

@@ -1,0 +1,34 @@
+"""The demo's closing summary: phase times, the model-zoo row with chance levels, example answers, next commands."""
+from __future__ import annotations
+
+# Expected score of answering at random on the generated sets: GQA-style has 3-5 candidate answers per
+# question type, SQA-style 2-4 options, TextVQA-style 1-2 OCR tokens, POPE yes/no (F1 of always "yes" is 66.7),
+# MME 5 subtasks x (50 + 25), MMBench 4 options under circular evaluation (0.25^4).
+CHANCE = {"GQA": 25.0, "SQA^I": 35.0, "VQA^T": 75.0, "POPE": 50.0, "MME^P": 375.0, "MMB^dev": 0.4}
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "=" * 72, "MobileVLM demo summary", "=" * 72, "", "Time per phase:"]
+    for name, seconds in summary["phases"].items():
+        lines.append(f"  {name:<45} {seconds:7.0f} s")
+    lines.append(f"  {'total':<45} {summary['total_seconds']:7.0f} s")
+    row = summary["row"]
+    columns = [c for c in row if c != "Avg"] + (["Avg"] if "Avg" in row else [])
+    lines += ["", "Model-zoo row (generated benchmarks; MME^P is out of 1000: 5 perception subtasks):", "",
+              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
+              f"| demo {summary['projector']} | " + " | ".join(_fmt(row[c]) for c in columns) + " |",
+              "| chance | " + " | ".join(_fmt(CHANCE[c]) if c in CHANCE else "" for c in columns) + " |", "",
+              "Examples on held-out images:"]
+    for ex in summary["examples"]:
+        mark = "ok" if ex["answer"].strip().lower().rstrip(".") == ex["expected"] else f"expected {ex['expected']}"
+        lines.append(f"  {ex['image']}\n    Q: {ex['question']}\n    A: {ex['answer']}   ({mark})")
+    model = summary["model"]
+    lines += ["", f"Final checkpoint: {model}", "Try it:",
+              f"  mobilevlm generate --model {model} --image <image.png> --prompt \"What color is the circle?\"",
+              f"  mobilevlm chat --model {model}", f"  mobilevlm serve --model {model}",
+              f"  mobilevlm export gguf --model {model} --outdir demo-gguf", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else str(value)
