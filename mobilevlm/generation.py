@@ -45,9 +45,12 @@ class _StopOnStrings(StoppingCriteria):
 
     def __init__(self, tokenizer, stops: Sequence[str]):
         self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.start: int | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = [any(s in self.tokenizer.decode(row[-32:]) for s in self.stops) for row in input_ids]
+        if self.start is None:  # first call: one new token; text-only prompts put their ids in front of it
+            self.start = input_ids.shape[1] - 1
+        done = [any(s in self.tokenizer.decode(row[self.start:][-32:]) for s in self.stops) for row in input_ids]
         return torch.tensor(done, device=input_ids.device)
 
 

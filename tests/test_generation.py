@@ -73,6 +73,16 @@ def test_stop_strings_cut_the_answer(tiny_pipeline, images):
     assert "".join(tiny_pipeline.stream(prompt, images[:1], max_new_tokens=12, stop=[stop])).strip() == cut
 
 
+@pytest.mark.parametrize("conv_mode,stop", [("v1", "ASSISTANT"), ("plain", "\n")])
+def test_stop_string_in_text_only_prompt_is_not_a_stop(tiny_pipeline, conv_mode, stop):
+    # without images the prompt's own ids come first in the decoded sequence; only the answer may stop it
+    prompt = tiny_pipeline.build_prompt("Hello there.", num_images=0, conv_mode=conv_mode)
+    assert stop in prompt
+    full = tiny_pipeline.generate(prompt, max_new_tokens=10)
+    assert len(full) > 8
+    assert tiny_pipeline.generate(prompt, max_new_tokens=10, stop=[stop]) == full.split(stop)[0].strip()
+
+
 def test_sampling_and_beams(tiny_pipeline, images):
     prompt = tiny_pipeline.build_prompt("What is in the image?")
     torch.manual_seed(0)
