@@ -87,6 +87,8 @@ def run_eval(args: argparse.Namespace) -> int:
     result = run_evaluation(args.model, args.data_dir, args.benchmarks, args.out, args.batch_size, args.num_chunks,
                             args.limit, args.device, args.dtype, args.conv_mode, args.max_new_tokens,
                             log=lambda message: print(message, file=sys.stderr))
-    sys.stdout.write(open(result["files"]["markdown"]).read())
+    from pathlib import Path
+
+    sys.stdout.write(Path(result["files"]["markdown"]).read_text())
     print(json.dumps(result["row"]))
     return 0

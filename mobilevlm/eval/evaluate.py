@@ -33,6 +33,19 @@ def markdown_row(model_id: str, row: dict[str, float]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(cells) + " |"]) + "\n"
 
 
+def _progress(name: str, log: Callable[[str], None]) -> Callable[[int, int], None]:
+    """Logs generation progress about every tenth of the way."""
+    reported = [-1]
+
+    def report(done: int, total: int) -> None:
+        step = done * 10 // max(total, 1)
+        if step > reported[0]:
+            reported[0] = step
+            log(f"{name}: {done}/{total} new answers")
+
+    return report
+
+
 def parse_benchmarks(names: str | Sequence[str]) -> list[str]:
     chosen = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     unknown = [n for n in chosen if n not in BENCHMARKS]
@@ -64,7 +77,7 @@ def run_evaluation(model: str | Path, data_dir: str | Path, benchmarks: str | Se
     for name in chosen:
         log(f"{name}: generating")
         answers = run_generation(str(model), name, Path(data_dir), out_dir, num_chunks, batch_size, limit,
-                                 device, dtype, conv_mode, max_new_tokens, pipe)
+                                 device, dtype, conv_mode, max_new_tokens, pipe, _progress(name, log))
         only_ids = [item.question_id for item in selected_items(name, Path(data_dir), limit)] if limit is not None else None
         metrics[name] = score_answers(name, read_answers(answers), Path(data_dir), only_ids)
         answer_files[name] = str(answers)

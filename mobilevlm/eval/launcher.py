@@ -76,13 +76,15 @@ def _gpu_count() -> int:
 
 def run_generation(model: str, benchmark: str, data_dir: Path, out_dir: Path, num_chunks: int = 1,
                    batch_size: int = 1, limit: int | None = None, device: str = "cpu", dtype: str | None = None,
-                   conv_mode: str | None = None, max_new_tokens: int | None = None, pipe=None) -> Path:
-    """All chunks of one benchmark, then the merged answer file (returned)."""
+                   conv_mode: str | None = None, max_new_tokens: int | None = None, pipe=None,
+                   on_progress=None) -> Path:
+    """All chunks of one benchmark, then the merged answer file (returned). `on_progress(done, total)`
+    follows an in-process run."""
     parts = [chunk_path(out_dir, benchmark, num_chunks, k) for k in range(num_chunks)]
     parts[0].parent.mkdir(parents=True, exist_ok=True)
     if num_chunks == 1:
         run_chunk(model, benchmark, data_dir, parts[0], 1, 0, batch_size, limit, device, dtype, conv_mode,
-                  max_new_tokens, pipe)
+                  max_new_tokens, pipe, on_progress)
         return merge(parts, answers_path(out_dir, benchmark))
     running = []
     for k, part in enumerate(parts):
