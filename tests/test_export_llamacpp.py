@@ -84,7 +84,7 @@ def _with_gguf_weights(model, path):
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(state[names[tensor.name]].shape)
         if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):  # undo the RoPE row permutation
             weight = weight.reshape(heads, -1, 2, weight.shape[1]).swapaxes(1, 2).reshape(weight.shape)
-        state[names[tensor.name]].copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        state[names[tensor.name]].copy_(torch.from_numpy(np.array(weight, dtype=np.float32)))
     return clone
 
 
