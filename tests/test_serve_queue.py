@@ -64,6 +64,10 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_place(pipe):
             with pytest.raises(openai.RateLimitError) as caught:
                 client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
             assert "busy" in caught.value.message and caught.value.response.headers["retry-after"] == "1"
+            # refused before its images are even looked at
+            bad_image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": bad_image}])
         # closing the stream mid-answer cancels the generation and frees the only place
         wait_for(lambda: health(url)["pending"] == 0)
         stats = health(url)

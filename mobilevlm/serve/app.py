@@ -133,6 +133,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         chat = parse_chat_request(await _read_body(request, settings.max_body_bytes))
         if chat.model != settings.model_name:
             raise _unknown_model(chat.model, settings.model_name)
+        _admit(work.ensure_room)
         fetch = partial(fetch_image, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
                         allow_remote=settings.allow_remote_images)
         rendered = await run_in_threadpool(render_messages, chat.messages, pipeline.conversation(),
@@ -145,10 +146,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         prompt_tokens = len(ids) + len(rendered.images) * (pipeline.model.config.num_image_tokens - 1)
         generation = dict(temperature=chat.temperature or 0.0, top_p=chat.top_p, max_new_tokens=max_tokens,
                           stop=chat.stop_list)
-        try:
-            job = work.submit(rendered.prompt, rendered.images, generation, chat.seed)
-        except QueueFull as err:
-            raise ApiError(429, str(err), code="queue_full", headers={"Retry-After": "1"}) from None
+        job = _admit(work.submit, rendered.prompt, rendered.images, generation, chat.seed)
         reply = _Reply(pipeline, settings.model_name, prompt_tokens, budget)
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -157,6 +155,13 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         return await _complete(work, job, reply, request)
 
     return app
+
+
+def _admit(call, *args):
+    try:
+        return call(*args)
+    except QueueFull as err:
+        raise ApiError(429, str(err), code="queue_full", headers={"Retry-After": "1"}) from None
 
 
 def _unknown_model(requested: str, served: str) -> ApiError:

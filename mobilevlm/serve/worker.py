@@ -74,12 +74,20 @@ class WorkQueue:
             return {"pending": self.pending, "running": self.running, "limit": self.max_queue,
                     "completed": self.completed, "cancelled": self.cancelled}
 
+    def _check_room(self) -> None:  # caller holds the lock
+        if self.pending >= self.max_queue:
+            raise QueueFull(f"the server is busy: {self.pending} requests are queued or running "
+                            f"(limit {self.max_queue}); retry later")
+
+    def ensure_room(self) -> None:
+        """Raises QueueFull now, so that a request that would be refused does not get its images decoded first."""
+        with self._lock:
+            self._check_room()
+
     def submit(self, prompt: str, images: list[Image.Image], settings: dict, seed: int | None = None) -> Job:
         job = Job(prompt, images, settings, seed, asyncio.get_running_loop())
         with self._lock:
-            if self.pending >= self.max_queue:
-                raise QueueFull(f"the server is busy: {self.pending} requests are queued or running "
-                                f"(limit {self.max_queue}); retry later")
+            self._check_room()
             self.pending += 1
         self._jobs.put(job)
         return job
