@@ -182,3 +182,19 @@ def test_launcher_spreads_chunks_over_gpus_and_reports_failures(setup, tmp_path,
     monkeypatch.setenv("FAKE_MODE", "--fail")
     with pytest.raises(launcher.ChunkFailed, match=r"1 generation chunk\(s\) failed; see .*4_1.log"):
         run_generation("m", "pope", data, tmp_path / "again", num_chunks=4, device="cuda")
+
+
+@pytest.mark.parametrize("scores, avg", [
+    # MobileVLM README model zoo: GQA, SQA^I, VQA^T, POPE, MME^P, MMB^dev -> Avg
+    ((56.1, 57.3, 41.5, 84.5, 1196.2, 53.2), 58.7),   # MobileVLM-1.7B
+    ((59.3, 66.7, 52.1, 84.3, 1302.8, 57.7), 64.2),   # MobileVLM V2-1.7B
+    ((61.1, 70.0, 57.5, 84.7, 1440.5, 63.2), 68.1),   # MobileVLM V2-3B
+    ((59.0, 61.2, 47.5, 84.9, 1288.9, 59.6), 62.8),   # MobileVLM-3B
+    # (The README's V2-7B Avg, 72.1, is the one entry this rule does not give: it gives 72.04.)
+])
+def test_model_zoo_average_matches_the_readme(scores, avg):
+    from mobilevlm.eval.evaluate import markdown_row, model_zoo_row
+
+    row = model_zoo_row(dict(zip(("gqa", "sqa", "textvqa", "pope", "mme", "mmbench"), scores)))
+    assert round(row["Avg"], 1) == avg
+    assert markdown_row("m", row).splitlines()[2] == "| m | " + " | ".join(f"{v:.1f}" for v in (*scores, avg)) + " |"

@@ -48,6 +48,7 @@ def _progress(name: str, log: Callable[[str], None]) -> Callable[[int, int], Non
 
 def parse_benchmarks(names: str | Sequence[str]) -> list[str]:
     chosen = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    chosen = list(dict.fromkeys(chosen))
     unknown = [n for n in chosen if n not in BENCHMARKS]
     if unknown or not chosen:
         raise DataError(f"unknown benchmark(s) {unknown or chosen}; choose from {', '.join(BENCHMARKS)}")
