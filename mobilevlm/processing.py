@@ -64,8 +64,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        scale = 1 / 256 if image.mode.startswith("I;16") else 1 / 65536
-        image = image.point(lambda v: v * scale).convert("L")
+        # 16-bit data, whichever mode Pillow gives it (16-bit PGM opens as "I"), down to 8 bits; via "I" because
+        # point() cannot scale the big-endian I;16B directly
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

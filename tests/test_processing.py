@@ -118,6 +118,26 @@ def test_modes_become_rgb(tmp_path):
         assert load_image(image).mode == "RGB"
 
 
+@pytest.mark.parametrize("fmt,data", [
+    ("tiff-I;16B", None), ("tiff-I;16", None),
+    ("pgm", b"P5\n2 1\n65535\n\x80\x00\xff\xff"),  # 16-bit PGM: Pillow opens it as mode "I"
+])
+def test_sixteen_bit_files_scale_to_eight_bits(fmt, data):
+    if data is None:
+        deep = Image.new(fmt.split("-")[1], (2, 1))
+        deep.putpixel((0, 0), 0x8000)
+        deep.putpixel((1, 0), 0xFFFF)
+        data = saved(deep, "TIFF")
+    assert row(load_image(data)) == [(128, 128, 128), (255, 255, 255)]
+
+
+def test_more_modes():
+    assert load_image(Image.new("LA", (1, 1), (50, 128))).getpixel((0, 0)) == (152, 152, 152)  # on white
+    assert load_image(Image.new("1", (1, 1), 1)).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(Image.new("YCbCr", (1, 1), (100, 128, 128))).getpixel((0, 0)) == (100, 100, 100)
+    assert load_image(Image.new("F", (1, 1), 100.4)).getpixel((0, 0)) == (100, 100, 100)
+
+
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (40, 20), (255, 0, 0))
     image.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue
