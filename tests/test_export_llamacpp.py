@@ -1,6 +1,7 @@
 """Exported GGUF files run in llama.cpp itself (llama-cpp-python) and agree with this project's model.
 
-(a) text: same tokens, close logits, same greedy continuation (f32 and q8_0);
+(a) text: same tokens, close logits, same greedy continuation (f32; q8_0 against our model holding the
+    file's dequantized weights);
 (b) mmproj: llama.cpp's image embeddings equal our vision tower + projector computed in llama.cpp's token
     order ([CLS] placed after the patches, llamacpp_gguf.md section 6), for ldp and ldpv2;
 (c) image + prompt through llama.cpp's multimodal path: same prompt ids and the same greedy answer as our
