@@ -1,0 +1,186 @@
+"""The demo's generated data: deterministic, held-out, and in the exact formats the project's scorers read."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from mobilevlm.demo import benchmarks as B
+from mobilevlm.demo import questions as Q
+from mobilevlm.demo import trainsets as T
+from mobilevlm.demo.scenes import caption, render, sample_scene
+
+SIZES = {"gqa": 6, "sqa": 6, "textvqa": 5, "pope": 3, "mme": 2, "mmbench": 4}
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "benchmark_data"
+    scenes = T.training_scenes(0, 400)
+    keys = B.write_benchmark_data(root, 0, SIZES, scenes)
+    return root, scenes, keys
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path, generated):
+    root, scenes, _ = generated
+    again = tmp_path / "again"
+    B.write_benchmark_data(again, 0, SIZES, T.training_scenes(0, 400))
+    other = tmp_path / "other"
+    B.write_benchmark_data(other, 1, SIZES, T.training_scenes(1, 400))
+    assert _tree_digest(again) == _tree_digest(root)
+    assert _tree_digest(other) != _tree_digest(root)
+
+
+def test_training_data_is_deterministic():
+    scenes = T.training_scenes(3, 50)
+    assert scenes == T.training_scenes(3, 50)
+    names = [f"img_{i}.png" for i in range(50)]
+    assert T.instruction_samples(scenes, names, 3, []) == T.instruction_samples(scenes, names, 3, [])
+    assert T.instruction_samples(scenes, names, 3, []) != T.instruction_samples(scenes, names, 4, [])
+
+
+def test_evaluation_images_never_appear_in_training(generated):
+    root, scenes, keys = generated
+    assert keys and not keys & {s.key() for s in scenes}
+    train_pixels = {hashlib.sha256(render(s).tobytes()).hexdigest() for s in scenes}
+    eval_files = [p for p in root.rglob("*.png")]
+    assert len(eval_files) > 20
+    from PIL import Image
+
+    for path in eval_files:
+        with Image.open(path) as image:
+            assert hashlib.sha256(image.convert("RGB").tobytes()).hexdigest() not in train_pixels, path
+
+
+def test_evaluation_scenes_avoid_a_forced_collision(tmp_path):
+    # Training holds every scene the evaluation sampler would draw first: all of them must be skipped.
+    book = B._SceneBook(0, set())
+    first = [book.draw(sample_scene, random.Random("probe")) for _ in range(5)]
+    keys = B.write_benchmark_data(tmp_path, 0, {**SIZES, "gqa": 3}, first)
+    assert not keys & {s.key() for s in first}
+
+
+def _gold(benchmark: str, root: Path) -> dict:
+    """question key -> reference answer text, read back from the generated files."""
+    d = root / benchmark
+    if benchmark == "gqa":
+        return {qid: q["answer"] for qid, q in json.loads((d / "testdev_balanced_questions.json").read_text()).items()}
+    if benchmark == "pope":
+        gold = {}
+        for path in (d / "coco").glob("coco_pope_*.json"):
+            gold.update({str(row["question_id"]): row["label"] for row in map(json.loads, path.read_text().splitlines())})
+        return gold
+    if benchmark == "sqa":
+        return {pid: Q.LETTERS[p["answer"]] for pid, p in json.loads((d / "problems.json").read_text()).items()}
+    if benchmark == "mmbench":
+        import csv
+
+        with (d / "mmbench_dev_en_20231003.tsv").open() as handle:
+            return {row["index"]: row["answer"] for row in csv.DictReader(handle, delimiter="\t")}
+    if benchmark == "textvqa":
+        data = json.loads((d / "TextVQA_0.5.1_val.json").read_text())["data"]
+        return {(a["image_id"], a["question"].lower()): a["answers"][0] for a in data}
+    gold = {}
+    for txt in (d / "images").rglob("*.txt"):
+        for line in txt.read_text().splitlines():
+            question, answer = line.split("\t")
+            gold[(f"{txt.parent.name}/{txt.stem}.png", question.replace(" Please answer yes or no.", ""))] = answer
+    return gold
+
+
+def _answers(benchmark: str, root: Path, correct: bool) -> list[dict]:
+    from mobilevlm.eval.benchmarks import read_items
+    from mobilevlm.eval.generate import answer_line
+
+    gold = _gold(benchmark, root)
+    lines = []
+    for item in read_items(benchmark, root):
+        if benchmark == "textvqa":
+            key = (item.question_id, item.question.split("\n")[0].lower())
+        elif benchmark == "mme":
+            key = (item.question_id, item.question.split("\n")[0])
+        else:
+            key = str(item.question_id)
+        answer = gold[key]
+        if not correct:
+            answer = {"yes": "no", "no": "yes", "Yes": "No", "No": "Yes"}.get(answer, "E" if len(answer) == 1 else "zzz")
+        lines.append(answer_line(item, answer, "test"))
+    return lines
+
+
+@pytest.mark.parametrize("bench,perfect", [("gqa", 100), ("sqa", 100), ("textvqa", 100), ("pope", 100),
+                                                ("mme", 200 * len(B.MME_SUBTASKS)), ("mmbench", 100)])
+def test_every_set_is_read_and_scored_by_the_project_scorers(generated, bench, perfect):
+    from mobilevlm.eval.scoring import score_answers
+
+    root = generated[0]
+    assert score_answers(bench, _answers(bench, root, True), root)["score"] == pytest.approx(perfect)
+    assert score_answers(bench, _answers(bench, root, False), root)["score"] < perfect / 2
+
+
+def test_layout_matches_the_official_tree(generated):
+    root = generated[0]
+    for relative in ("gqa/llava_gqa_testdev_balanced.jsonl", "gqa/testdev_balanced_questions.json",
+                     "pope/llava_pope_test.jsonl", "pope/coco/coco_pope_adversarial.json", "pope/coco/coco_pope_popular.json",
+                     "pope/coco/coco_pope_random.json", "mme/llava_mme.jsonl", "sqa/problems.json", "sqa/pid_splits.json",
+                     "sqa/llava_test_CQM-A.json", "mmbench/mmbench_dev_en_20231003.tsv",
+                     "textvqa/llava_textvqa_val_v051_ocr.jsonl", "textvqa/TextVQA_0.5.1_val.json"):
+        assert (root / relative).is_file(), relative
+    pope = [json.loads(line) for line in (root / "pope/llava_pope_test.jsonl").read_text().splitlines()]
+    assert [row["category"] for row in pope] == sorted((row["category"] for row in pope), key=["adversarial", "random", "popular"].index)
+    assert {row["question_id"] for row in pope if row["category"] == "random"} >= {10000001}
+    mme = [json.loads(line) for line in (root / "mme/llava_mme.jsonl").read_text().splitlines()]
+    assert all(a["question_id"] == b["question_id"] for a, b in zip(mme[::2], mme[1::2]))  # pairs per image
+
+
+def test_mmbench_circular_copies_rotate_the_options(generated):
+    import csv
+
+    with (generated[0] / "mmbench/mmbench_dev_en_20231003.tsv").open() as handle:
+        rows = {int(r["index"]): r for r in csv.DictReader(handle, delimiter="\t")}
+    main = [i for i in rows if i < 1_000_000]
+    assert main
+    for i in main:
+        copies = [rows[i + k * 1_000_000] for k in range(4) if i + k * 1_000_000 in rows]
+        n = sum(bool(rows[i][c]) for c in "ABCD")
+        assert len(copies) == n
+        right = {r[r["answer"]] for r in copies}
+        assert len(right) == 1  # every copy's answer letter points at the same option text
+        assert len({r["answer"] for r in copies}) == n  # and the letter moves with the rotation
+
+
+def test_instruction_data_covers_the_benchmark_prompts_multi_turn_and_text_only():
+    scenes = T.training_scenes(0, 300)
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(300)], 0, B.popularity_order(scenes))
+    humans = [t["value"] for s in samples for t in s["conversations"] if t["from"] == "human"]
+    assert any(Q.SHORT_SUFFIX in h for h in humans) and any(Q.LETTER_SUFFIX in h for h in humans)
+    assert any("Reference OCR token: " in h for h in humans) and any(h.startswith("<image>\nContext: ") for h in humans)
+    assert any(len(s["conversations"]) > 2 for s in samples)
+    assert any("image" not in s for s in samples)
+    for sample in samples:
+        turns = sample["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        tags = sum(t["value"].count("<image>") for t in turns)
+        assert tags == (1 if "image" in sample else 0) and (tags == 0 or turns[0]["value"].startswith("<image>\n"))
+
+
+def test_captions_name_every_object():
+    rng = random.Random(5)
+    for _ in range(30):
+        scene = sample_scene(rng)
+        text = caption(scene)
+        for obj in scene.objects:
+            assert f"{obj.size} {obj.color} {obj.shape}" in text
+        for word in scene.words:
+            assert f'"{word.text}" in {word.color}' in text
