@@ -126,7 +126,7 @@ class Pipeline:
             return None
         if not self.is_multimodal:
             raise PromptError("this is a text-only model; it takes no images")
-        pil = [image if isinstance(image, Image.Image) else load_image(image) for image in images]
+        pil = [load_image(image) for image in images]  # PIL images too: any mode to RGB, EXIF, pixel limit
         aspect = getattr(self.model.config, "image_aspect_ratio", "pad")
         return process_images(pil, self.image_processor, aspect).to(self.device, self.model.dtype)
 

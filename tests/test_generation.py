@@ -105,6 +105,16 @@ def test_chat_keeps_history(tiny_pipeline, images):
     assert len(chat.conv.messages) == 4  # the failed turn was rolled back
 
 
+def test_pil_images_of_any_mode(tiny_pipeline):
+    prompt = tiny_pipeline.build_prompt("What is it?")
+    grey = Image.new("L", (40, 60), 90)
+    assert tiny_pipeline.generate(prompt, [grey], max_new_tokens=5) == \
+        tiny_pipeline.generate(prompt, [grey.convert("RGB")], max_new_tokens=5)
+    deep = Image.new("I;16", (30, 30), 0x4000)
+    assert tiny_pipeline.generate(prompt, [deep], max_new_tokens=5) == \
+        tiny_pipeline.generate(prompt, [Image.new("RGB", (30, 30), (64, 64, 64))], max_new_tokens=5)
+
+
 def test_prompt_errors(tiny_pipeline, images):
     one = tiny_pipeline.build_prompt("What?")
     with pytest.raises(PromptError, match="1 <image> tag.*2 image"):
