@@ -72,3 +72,18 @@ def test_chat_command_with_image_command(tiny_v2_dir, image_file, reference):
     assert answers[0] == chat.ask("What is it?", max_new_tokens=6)
     assert answers[1] == chat.ask("Describe the image.", images=[image_file], max_new_tokens=6)
     assert "image added" in done.stderr and "nowhere.png" in done.stderr
+
+
+def test_generate_in_process_beams_and_text_only(tiny_v2_dir, tiny_text_dir, image_file, reference, capsys):
+    from mobilevlm.cli import main
+    from mobilevlm.generation import Pipeline
+
+    assert main(["generate", "--model", str(tiny_v2_dir), "--image", str(image_file), "--prompt", "Describe.",
+                 "--num-beams", "2", "--max-new-tokens", "5"]) == 0
+    prompt = reference.build_prompt("Describe.")
+    assert capsys.readouterr().out == reference.generate(prompt, [image_file], num_beams=2, max_new_tokens=5) + "\n"
+
+    assert main(["generate", "--model", str(tiny_text_dir), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+    text = Pipeline.from_pretrained(tiny_text_dir)
+    expected = text.generate(text.build_prompt("Hello", num_images=0), max_new_tokens=5)
+    assert capsys.readouterr().out.strip() == expected

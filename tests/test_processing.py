@@ -152,6 +152,8 @@ def test_exif_orientation_is_applied():
 def test_bad_image_files_are_named(tmp_path):
     with pytest.raises(ImageError, match="missing.png.*cannot open"):
         load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="cannot open"):
+        load_image(tmp_path)  # a directory
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     with pytest.raises(ImageError, match="notes.txt.*not an image"):
