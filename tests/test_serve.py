@@ -195,6 +195,8 @@ def test_oversized_image_and_body_are_413(client, server):
     assert caught.value.status_code == 413
     expect_error(server, 413, b'{"model": "tiny-vlm", "messages": [], "pad": "' + b"x" * 500_000 + b'"}',
                  "limit", client)
+    # without a Content-Length (chunked upload) the limit is enforced while reading
+    expect_error(server, 413, (b"x" * 50_000 for _ in range(10)), "exceeds the limit", client)
 
 
 def test_unknown_route_is_404_json(server):
