@@ -128,6 +128,23 @@ def test_padded_batch_gives_unpadded_logits(model, llama, pixels, side):
         assert positions[b, -n:].tolist() == list(range(n))
 
 
+def test_padded_batch_loss_is_mean_over_answer_tokens(model, llama, pixels):
+    ids, mask = padded("right")
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX).masked_fill(ids == IMG, IGNORE_INDEX)
+    labels[:, :2] = IGNORE_INDEX  # as if the first tokens were the (masked) question
+    with torch.no_grad():
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, images=pixels[:2]).loss
+    total, count = 0.0, 0
+    for b, sample in enumerate(SAMPLES):
+        logits = reference_logits(model, llama, sample, pixels[b:b + 1])[0]
+        at = sample.index(IMG)
+        lab = labels[b, :len(sample)].tolist()
+        full = torch.tensor(lab[:at] + [IGNORE_INDEX] * 144 + lab[at + 1:])
+        total += F.cross_entropy(logits[:-1], full[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((full[1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss, total / count, **TOL)
+
+
 def test_kv_cache_decoding_equals_full_forward(model, pixels):
     prompt = [1, 100, IMG, 101, 102]
     continuation = [103, 104, 105]
