@@ -84,8 +84,12 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.tf32 and not _cuda_available():
             logger.warning("--tf32 needs an Ampere or newer GPU; ignored on this machine")
             self.tf32 = None
+        if self.bf16 and not self.use_cpu and not _cuda_available():
+            self.use_cpu = True  # transformers wants bf16 without a GPU spelled out as CPU training
         if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
             self.deepspeed = resolve_deepspeed_config(self.deepspeed)
+        if self.deepspeed:
+            _require_deepspeed()
         if isinstance(self.fsdp_config, str) and not self.fsdp_config.lstrip().startswith("{"):
             self.fsdp_config = resolve_deepspeed_config(self.fsdp_config, "--fsdp_config")
         super().__post_init__()
@@ -95,6 +99,16 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _require_deepspeed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        from mobilevlm.errors import MobileVLMError
+
+        raise MobileVLMError("--deepspeed needs the deepspeed package (pip install deepspeed, on a GPU machine); "
+                             "leave --deepspeed out to train with plain PyTorch (one process or torchrun DDP)")
 
 
 def resolve_deepspeed_config(name: str, flag: str = "--deepspeed") -> str:

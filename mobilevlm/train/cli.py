@@ -2,16 +2,17 @@
 `mobilevlm pipeline RECIPE TASKS LANGUAGE_MODEL VISION_MODEL` (the original run.sh)."""
 from __future__ import annotations
 
-import argparse
 
 
 def register(subparsers) -> None:
     train = subparsers.add_parser(
+        # prefix_chars="+": every --flag is passed through untouched to the trainer's own argument parser.
         "train", help="train one stage (original train.py flags; see docs/training.md)", add_help=False,
+        prefix_chars="+",
         description="All flags go to the trainer, e.g. --model_name_or_path --version --data_path --image_folder "
                     "--vision_tower --mm_projector_type --tune_mm_mlp_adapter --mm_projector_lr --output_dir ...; "
                     "`mobilevlm train --help` lists them all.")
-    train.add_argument("flags", nargs=argparse.REMAINDER)
+    train.add_argument("flags", nargs="*")
     train.set_defaults(func=run_train)
 
     merge = subparsers.add_parser("merge", help="merge a LoRA training output into a normal checkpoint")
