@@ -144,3 +144,18 @@ def test_remote_images_only_with_the_flag(pipe, image_host):
         with pytest.raises(openai.BadRequestError) as caught:
             ask(client, "file:///etc/passwd")
         assert "unsupported image URL scheme" in caught.value.message
+
+
+def test_the_fast_quantized_pipeline_serves_the_same_answers_it_gives_in_python(tmp_path):
+    from mobilevlm.fast.pipeline import FastPipeline
+
+    fast = FastPipeline.from_pretrained(make_tiny_checkpoint(tmp_path / "tiny"), quantize="int8")
+    with serve(fast) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        question = [{"role": "user", "content": "Tell me a long story."}]
+        plain = client.chat.completions.create(model=MODEL, messages=question, max_tokens=12, temperature=0)
+        streamed = client.chat.completions.create(model=MODEL, messages=question, max_tokens=12, temperature=0,
+                                                  stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    expected = fast.generate(fast.build_prompt("Tell me a long story.", 0), max_new_tokens=12)
+    assert plain.choices[0].message.content == expected == text.strip()

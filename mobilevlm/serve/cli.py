@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     serve.add_argument("--conv-mode", default="v1", help="prompt template (v1, plain, llava_llama_2, llama_2, v0)")
     serve.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    serve.add_argument("--fast", action="store_true",
+                       help="CPU: decode with the lean decoder (FastPipeline, bf16 by default); see docs/inference.md")
+    serve.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                       help="CPU: weight-only quantization of the language model while loading (implies --fast)")
     serve.set_defaults(func=run_serve)
 
 
@@ -58,8 +62,14 @@ def run_serve(args) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         print(f"mobilevlm serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = Pipeline.from_pretrained(args.model, device=device, dtype=args.dtype, conv_mode=args.conv_mode)
+    if args.fast or args.quantize:
+        from mobilevlm.fast.pipeline import FastPipeline
+
+        pipeline = FastPipeline.from_pretrained(args.model, dtype=args.dtype or "bfloat16", quantize=args.quantize,
+                                                conv_mode=args.conv_mode)
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipeline = Pipeline.from_pretrained(args.model, device=device, dtype=args.dtype, conv_mode=args.conv_mode)
     settings = ServerSettings(
         model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key,
         allow_remote_images=args.allow_remote_images, max_queue=args.max_queue,
