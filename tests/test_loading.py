@@ -180,3 +180,35 @@ def test_missing_and_wrong_shaped_weights_are_named(tmp_path, tiny_v2_dir):
     save_file(weights, wrong / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"wrong shapes: model\.layers\.1\.mlp\.up_proj\.weight \(100, 64\) vs \(128, 64\)"):
         load_pretrained_model(wrong)
+
+
+@pytest.mark.parametrize("layout", ["vision_only", "full_clip"])
+def test_vision_tower_from_local_clip_directory(tmp_path, tiny_v2_dir, layout):
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    from mobilevlm.config import TINY_VISION_TOWER
+
+    model_dir = copy_without(tiny_v2_dir, tmp_path / "model", "preprocessor_config.json")
+    clip_dir = tmp_path / "clip"
+    clip_dir.mkdir()
+    vision = CLIPVisionConfig(**TINY_VISION_TOWER)
+    config = vision.to_dict() if layout == "vision_only" else CLIPConfig(vision_config=TINY_VISION_TOWER).to_dict()
+    (clip_dir / "config.json").write_text(json.dumps(config))
+    shutil.copy(tiny_v2_dir / "preprocessor_config.json", clip_dir)
+    settings = json.loads((model_dir / "config.json").read_text())
+    settings.pop("mm_vision_tower_config")
+    settings["mm_vision_tower"] = str(clip_dir)  # as the original allows: a local CLIP directory
+    (model_dir / "config.json").write_text(json.dumps(settings))
+    _, model, processor, _ = load_pretrained_model(model_dir)
+    assert processor.crop_size.height == 96
+    assert_same_weights(model, make_tiny_model("tiny_v2", seed=0))
+
+
+def test_unknown_vision_tower_is_named(tmp_path, tiny_v2_dir):
+    model_dir = copy_without(tiny_v2_dir, tmp_path / "model")
+    settings = json.loads((model_dir / "config.json").read_text())
+    settings.pop("mm_vision_tower_config")
+    settings["mm_vision_tower"] = "someone/siglip-so400m"
+    (model_dir / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match="mm_vision_tower 'someone/siglip-so400m'"):
+        load_pretrained_model(model_dir)
