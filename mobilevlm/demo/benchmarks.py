@@ -190,7 +190,8 @@ def write_textvqa(root: Path, book: _SceneBook, n_images: int) -> None:
     rng = book.rng("textvqa")
     lines, annotations = [], []
     for i in range(n_images):
-        scene = book.draw(sample_words, rng)
+        # Two words each, so that copying an OCR token at random scores 50, not 100: the image decides.
+        scene = book.draw(lambda r: sample_words(r, count=2), rng)
         image_id = f"{rng.getrandbits(64):016x}"
         _save(scene, root / "textvqa" / "train_images" / f"{image_id}.png")
         qa = rng.choice([qa for qa in Q.short_questions(scene) if qa.kind == "ocr"])

@@ -83,8 +83,8 @@ def sample_shapes(rng: random.Random, count: int | None = None) -> Scene:
     return Scene(objects=tuple(objects))
 
 
-def sample_words(rng: random.Random) -> Scene:
-    count = rng.randint(1, 2)
+def sample_words(rng: random.Random, count: int | None = None) -> Scene:
+    count = count or rng.randint(1, 2)
     texts = rng.sample(WORDS, count)
     colors = rng.sample(tuple(COLORS), count)
     rows = rng.sample(range(len(WORD_ROWS)), count)

@@ -1,0 +1,66 @@
+"""`mobilevlm demo` end to end: the CLI, the V1 (ldpnet) path at toy size, and the --fast demo's scores."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from mobilevlm.demo import bases
+from mobilevlm.demo import pipeline as P
+from mobilevlm.demo.report import below_expectation, format_summary
+
+
+def test_cli_registers_demo_with_its_options():
+    from mobilevlm.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--fast", "--seed", "3", "--projector", "ldpnet", "--out", "x"])
+    assert (args.fast, args.seed, args.projector, args.out) == (True, 3, "ldpnet", "x")
+    assert callable(args.func)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--projector", "mlp2x_gelu"])
+
+
+def test_unknown_projector_is_a_clear_error(tmp_path):
+    from mobilevlm.errors import MobileVLMError
+
+    with pytest.raises(MobileVLMError, match="--projector"):
+        P.run_demo(tmp_path, projector="linear")
+
+
+def test_chance_check_names_the_weak_columns():
+    row = {"GQA": 95.0, "SQA^I": 90.0, "VQA^T": 40.0, "POPE": 95.0, "MME^P": 900.0, "MMB^dev": 80.0}
+    assert below_expectation(row) == ["VQA^T"]
+    assert below_expectation({**row, "VQA^T": 90.0}) == []
+
+
+TOY = replace(P.FAST, train_images=120, pretrain_samples=40, finetune_samples=60, clip_steps=2, llm_steps=4,
+              eval_sizes={"gqa": 2, "sqa": 2, "textvqa": 2, "pope": 1, "mme": 1, "mmbench": 1},
+              tower=bases.TowerSize(hidden=16, layers=3, heads=2, text_hidden=16, text_layers=1),
+              llm=bases.LlmSize(hidden=32, layers=2, heads=2, intermediate=64, max_positions=512))
+
+
+@pytest.mark.slow
+def test_v1_ldpnet_pipeline_runs_through_and_its_checkpoint_answers(tmp_path):
+    from mobilevlm.generation import Pipeline
+
+    summary = P.run_demo(tmp_path, projector="ldpnet", settings=TOY, log=lambda m: None, examples=1)
+    assert (tmp_path / "train" / "pretrain" / "mm_projector.bin").is_file()  # V1 stage I: projector only
+    assert json.loads((tmp_path / "demo_summary.json").read_text())["model"] == summary["model"]
+    assert set(summary["metrics"]) == {"gqa", "sqa", "textvqa", "pope", "mme", "mmbench"}
+    config = json.loads((tmp_path / "train" / "finetune" / "config.json").read_text())
+    assert config["mm_projector_type"] == "ldpnet"
+    pipe = Pipeline.from_pretrained(summary["model"])
+    assert isinstance(pipe.generate(pipe.build_prompt("What color is the circle?"),
+                                    images=[summary["examples"][0]["image"]], max_new_tokens=3), str)
+    assert "Final checkpoint" in format_summary(summary)
+
+
+@pytest.mark.slow
+def test_fast_demo_is_clearly_above_chance_everywhere(tmp_path, capsys):
+    from mobilevlm.cli import main
+
+    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert below_expectation(summary["row"]) == [], summary["row"]
+    assert "Model-zoo row" in capsys.readouterr().out
