@@ -9,15 +9,6 @@ import pytest
 # Two cores are shared with other work; tiny models gain nothing from more threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip("shared fixtures are not present")
-    return FIXTURES
-
 
 @pytest.fixture(scope="session")
 def tiny_v2_dir(tmp_path_factory) -> Path:
