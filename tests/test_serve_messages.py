@@ -57,6 +57,9 @@ def test_consecutive_messages_of_one_role_are_merged():
     ([{"role": "user", "content": [image("red"), image("red"), image("red")]}], "more than 2 images"),
     ([{"role": "system", "content": "only a system prompt"}], "last message must be from the user"),
     ([{"role": "user", "content": None}], "needs content"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None}, {"role": "user", "content": "y"}],
+     "messages.1.content: the message is empty"),
+    ([{"role": "user", "content": "  "}], "empty"),
 ])
 def test_malformed_conversations_are_refused(messages, fragment):
     with pytest.raises(ApiError) as caught:
@@ -72,6 +75,12 @@ def test_request_validation_names_the_field():
         parse_chat_request(b'{"model": "m", "messages": []}')
     with pytest.raises(ApiError, match="at most 4 stop"):
         parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}')
+    with pytest.raises(ApiError) as caught:
+        parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}')
+    assert caught.value.param == "messages.0.content.0" and "'text', 'image_url'" in caught.value.message
+    with pytest.raises(ApiError) as caught:
+        parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}')
+    assert caught.value.message == "messages.0.content.0.image_url: Field required"
     request = parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", '
                                  b'"image_url": "data:,x"}]}], "stop": "END", "frequency_penalty": 0.5}')
     assert request.messages[0].content[0].image_url.url == "data:,x" and request.stop_list == ["END"]

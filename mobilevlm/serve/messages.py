@@ -84,6 +84,8 @@ def render_messages(messages: list[Message], template: Conversation, fetch: Imag
         else:
             raise ApiError(400, f"{where}.role: role {message.role!r} is not supported (no tool use)",
                            param=f"{where}.role")
+        if not text.strip():  # the template cannot hold an empty turn (it would lose its separator)
+            raise ApiError(400, f"{where}.content: the message is empty", param=f"{where}.content")
         if not turns and role != template.roles[0]:
             raise ApiError(400, f"{where}: the conversation must start with a user message", param=where)
         if turns and turns[-1][0] == role:

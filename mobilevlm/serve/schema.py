@@ -6,7 +6,7 @@ of the answer and are not supported (n > 1, tools, logprobs) are refused instead
 from __future__ import annotations
 
 import json
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -37,7 +37,7 @@ class ImagePart(_Lenient):
         return {"url": value} if isinstance(value, str) else value
 
 
-Part = Union[TextPart, ImagePart]
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class Message(_Lenient):
@@ -78,6 +78,11 @@ class ChatRequest(_Lenient):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+def _is_type_label(loc_item) -> bool:
+    """pydantic names the union alternative it tried ('str', 'list[...]') in an error's location."""
+    return isinstance(loc_item, str) and ("[" in loc_item or loc_item in ("str", "int", "float", "bool"))
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
     """The validated request, or ApiError(400) naming the offending field."""
     try:
@@ -89,9 +94,12 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param or None) from None
+        # a union reports one error per alternative; the deepest one is about what the client meant to send
+        error = max(err.errors(), key=lambda e: len(e["loc"]))
+        loc = [str(p) for p in error["loc"] if not _is_type_label(p)]
+        # a tagged union repeats the tag ("image_url") before the field of the same name: say it once
+        param = ".".join(p for i, p in enumerate(loc) if i + 1 == len(loc) or loc[i + 1] != p)
+        raise ApiError(400, f"{param}: {error['msg']}" if param else error["msg"], param=param or None) from None
     if request.n != 1:
         raise ApiError(400, "n: only n=1 is supported", param="n")
     if request.tools or request.functions:
