@@ -159,3 +159,35 @@ def test_the_fast_quantized_pipeline_serves_the_same_answers_it_gives_in_python(
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     expected = fast.generate(fast.build_prompt("Tell me a long story.", 0), max_new_tokens=12)
     assert plain.choices[0].message.content == expected == text.strip()
+
+
+class FailsOnBoom:
+    """The real pipeline, except that generation breaks down midway for prompts that contain BOOM."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def stream(self, prompt, images=None, **settings):
+        if "BOOM" in prompt:
+            yield "partial"
+            raise RuntimeError("kaboom")
+        yield from self.pipe.stream(prompt, images, **settings)
+
+
+def test_a_failure_during_generation_is_reported_and_the_server_goes_on(pipe):
+    with serve(FailsOnBoom(pipe)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        boom = [{"role": "user", "content": "BOOM"}]
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=MODEL, messages=boom, max_tokens=4)
+        assert "kaboom" in caught.value.message
+        with pytest.raises(openai.APIError, match="kaboom"):
+            for _ in client.chat.completions.create(model=MODEL, messages=boom, max_tokens=4, stream=True):
+                pass
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, temperature=0)
+        assert reply.choices[0].message.content == pipe.generate(pipe.build_prompt("Hi", 0), max_new_tokens=3)
+        assert health(url)["pending"] == 0
