@@ -4,8 +4,8 @@
     pipe.generate(pipe.build_prompt("What is in the image?"), images=[load_image("cat.jpg")])
 
 Prompts are full template strings with one `<image>` tag per image (`build_prompt` makes them). Decoding is
-transformers' `generate` on the spliced embeddings; it stops at EOS (the v1 template's "</s>") and at any
-extra stop strings given, which are cut from the returned text.
+transformers' `generate` on the spliced embeddings; it stops at EOS and at the stop strings (by default the
+template's own: "</s>" for v1, "###" for v0, "\n" for plain), which are cut from the returned text.
 """
 from __future__ import annotations
 
@@ -162,19 +162,25 @@ class Pipeline:
             return self.model.generate(input_ids, images=pixels, attention_mask=mask, pad_token_id=pad,
                                        eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **kwargs)
 
+    def _settings(self, settings: dict) -> GenerationSettings:
+        if settings.get("stop") is None:
+            # the template's stop string ends the answer, as the original's KeywordsStoppingCriteria([stop_str])
+            settings["stop"] = (self.conversation().stop_str,)
+        return GenerationSettings(**settings)
+
     def _decode(self, ids: Sequence[int], stops: Sequence[str]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)  # also drops the padding after EOS
         return _cut_at_stop(text, stops).strip()
 
     def generate(self, prompt: str, images: Sequence[ImageSource] | None = None, **settings) -> str:
-        settings = GenerationSettings(**settings)
+        settings = self._settings(settings)
         ids, pixels, budget = self.encode(prompt, images, settings.max_new_tokens)
         output = self._generate_ids([ids], pixels, settings, budget)
         return self._decode(output[0].tolist(), settings.stop)
 
     def generate_batch(self, requests: Sequence[tuple[str, Sequence[ImageSource] | None]], **settings) -> list[str]:
         """Several (prompt, images) pairs in one left-padded batch; greedy results equal one-by-one generation."""
-        settings = GenerationSettings(**settings)
+        settings = self._settings(settings)
         encoded = [self.encode(prompt, images, settings.max_new_tokens) for prompt, images in requests]
         pixels = [p for _, p, _ in encoded if p is not None]
         output = self._generate_ids([ids for ids, _, _ in encoded], torch.cat(pixels) if pixels else None, settings,
@@ -183,7 +189,7 @@ class Pipeline:
 
     def stream(self, prompt: str, images: Sequence[ImageSource] | None = None, **settings) -> Iterator[str]:
         """Yields the answer in pieces as it is generated; the pieces join to `generate`'s result (unstripped)."""
-        settings = GenerationSettings(**settings)
+        settings = self._settings(settings)
         ids, pixels, budget = self.encode(prompt, images, settings.max_new_tokens)
         streamer = _QueueStreamer()
         cancel = threading.Event()
@@ -253,7 +259,7 @@ class Chat:
     def ask(self, text: str, images: Sequence[ImageSource] = (), **settings) -> str:
         prompt = self._prepare(text, images)
         try:
-            return self._finish(self.pipeline.generate(prompt, self.images, **settings))
+            return self._finish(self.pipeline.generate(prompt, self.images, **{"stop": [self.conv.stop_str], **settings}))
         except Exception:
             self._rollback(len(images))
             raise
@@ -262,7 +268,7 @@ class Chat:
         prompt = self._prepare(text, images)
         pieces = []
         try:
-            for piece in self.pipeline.stream(prompt, self.images, **settings):
+            for piece in self.pipeline.stream(prompt, self.images, **{"stop": [self.conv.stop_str], **settings}):
                 pieces.append(piece)
                 yield piece
         except Exception:

@@ -83,6 +83,25 @@ def test_stop_string_in_text_only_prompt_is_not_a_stop(tiny_pipeline, conv_mode,
     assert tiny_pipeline.generate(prompt, max_new_tokens=10, stop=[stop]) == full.split(stop)[0].strip()
 
 
+def test_template_stop_string_is_the_default(tiny_pipeline, images, monkeypatch):
+    from mobilevlm.conversation import Conversation, SeparatorStyle, conv_templates
+    from mobilevlm.generation import Pipeline
+
+    v1_prompt = tiny_pipeline.build_prompt("What is in the image?")
+    full = tiny_pipeline.generate(v1_prompt, images[:1], max_new_tokens=12, stop=[])
+    stop = full.split()[1][:2]
+    # a SINGLE-style template (like v0, whose stop string is its "###" separator) whose separator occurs in the answer
+    template = Conversation(system="Sys", roles=("Q", "A"), messages=[], offset=0, sep_style=SeparatorStyle.SINGLE, sep=stop)
+    monkeypatch.setitem(conv_templates, "stop_test", template)
+    pipe = Pipeline(tiny_pipeline.tokenizer, tiny_pipeline.model, tiny_pipeline.image_processor,
+                    tiny_pipeline.context_len, conv_mode="stop_test")
+    assert pipe.generate(v1_prompt, images[:1], max_new_tokens=12) == full.split(stop)[0].strip()
+    assert pipe.generate(v1_prompt, images[:1], max_new_tokens=12, stop=[]) == full
+    chat = tiny_pipeline.chat(conv_mode="stop_test")
+    answer = chat.ask("What is in the image?", images=images[:1], max_new_tokens=12)
+    assert stop not in answer and chat.conv.get_prompt().startswith("Sys" + stop + "Q: <image>")
+
+
 def test_sampling_and_beams(tiny_pipeline, images):
     prompt = tiny_pipeline.build_prompt("What is in the image?")
     torch.manual_seed(0)
