@@ -59,7 +59,8 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_place(pipe):
     with serve(pipe, max_queue=1) as url, httpx.Client(timeout=60) as http:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         with http.stream("POST", url + "/v1/chat/completions", json={**LONG, "stream": True}) as response:
-            first_content_chunk(lines := response.iter_lines())
+            lines = response.iter_lines()
+            first_content_chunk(lines)
             assert health(url)["running"] == 1
             with pytest.raises(openai.RateLimitError) as caught:
                 client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
@@ -79,7 +80,8 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_place(pipe):
 def test_a_waiting_client_that_leaves_frees_its_place_at_once(pipe):
     with serve(pipe, max_queue=2) as url, httpx.Client(timeout=60) as http:
         with http.stream("POST", url + "/v1/chat/completions", json={**LONG, "stream": True}) as response:
-            first_content_chunk(lines := response.iter_lines())
+            lines = response.iter_lines()
+            first_content_chunk(lines)
             impatient = threading.Thread(target=lambda: pytest.raises(
                 httpx.ReadTimeout, httpx.post, url + "/v1/chat/completions", json=LONG, timeout=0.5))
             impatient.start()

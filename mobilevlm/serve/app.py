@@ -24,7 +24,7 @@ from mobilevlm.errors import MobileVLMError
 from mobilevlm.serve.apierror import ApiError
 from mobilevlm.serve.images import fetch_image
 from mobilevlm.serve.messages import render_messages
-from mobilevlm.serve.schema import ChatRequest, parse_chat_request
+from mobilevlm.serve.schema import parse_chat_request
 from mobilevlm.serve.worker import Job, QueueFull, WorkQueue
 
 STATIC = Path(__file__).parent / "static"

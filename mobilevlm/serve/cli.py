@@ -1,7 +1,6 @@
 """`mobilevlm serve`: the OpenAI-compatible server and web chat page for one checkpoint."""
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import sys
