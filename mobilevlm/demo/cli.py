@@ -20,16 +20,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    import os
     import sys
-
-    import torch
 
     from mobilevlm.demo.pipeline import run_demo
     from mobilevlm.demo.report import format_summary
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
 
     def log(message: str) -> None:
         print(message, flush=True)
