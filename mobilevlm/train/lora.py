@@ -32,10 +32,6 @@ def lora_target_modules(model: nn.Module) -> list[str]:
 def apply_lora(model, training_args):
     from peft import LoraConfig, get_peft_model
 
-    if training_args.bits in (4, 8):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
     config = LoraConfig(
         r=training_args.lora_r, lora_alpha=training_args.lora_alpha, lora_dropout=training_args.lora_dropout,
         bias=training_args.lora_bias, task_type="CAUSAL_LM", target_modules=lora_target_modules(model),

@@ -31,10 +31,8 @@ def _check(model_args, data_args, training_args) -> None:
         raise MobileVLMError("--data_path is required")
     if not Path(data_args.data_path).is_file():
         raise MobileVLMError(f"--data_path {data_args.data_path}: no such file")
-    if training_args.bits in (4, 8) and not training_args.lora_enable:
-        raise MobileVLMError("--bits 4/8 (QLoRA) needs --lora_enable True")
     if training_args.bits in (4, 8):
-        raise MobileVLMError("--bits 4/8 (QLoRA) is not supported yet: train in 16/32 bits")
+        raise MobileVLMError("--bits 4/8 (QLoRA) is not supported yet: use --lora_enable True in 16/32 bits")
     if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
         raise MobileVLMError("--tune_mm_mlp_adapter trains the projector only; it cannot be combined with LoRA")
 
