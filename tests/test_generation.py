@@ -102,6 +102,28 @@ def test_template_stop_string_is_the_default(tiny_pipeline, images, monkeypatch)
     assert stop not in answer and chat.conv.get_prompt().startswith("Sys" + stop + "Q: <image>")
 
 
+def test_stream_waits_for_complete_utf8_and_holds_back_stop_prefixes(tiny_pipeline):
+    from mobilevlm.generation import _QueueStreamer
+
+    tok = tiny_pipeline.tokenizer
+    byte = {b: tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "é☕".encode()}
+    word = tok.convert_tokens_to_ids("▁the")
+    steps = [[byte[0xC3]], [byte[0xA9]], [word], [byte[0xE2]], [byte[0x98]], [byte[0x95]], [word], [word]]
+
+    def run(stops):
+        streamer = _QueueStreamer()
+        streamer.put(torch.tensor([0]))  # the prompt, skipped
+        for ids in steps:
+            streamer.put(torch.tensor(ids))
+        streamer.end()
+        return list(tiny_pipeline._stream_text(streamer, stops))
+
+    pieces = run([])
+    assert "".join(pieces) == "é the☕ the the"
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(run(["☕ the t"])) == "é the"
+
+
 def test_sampling_and_beams(tiny_pipeline, images):
     prompt = tiny_pipeline.build_prompt("What is in the image?")
     torch.manual_seed(0)
