@@ -91,6 +91,9 @@ class Pipeline:
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
         self.context_len = context_len
         self.conv_mode = conv_mode
+        # How images are squared before the CLIP processor: the checkpoint's setting ("pad"), or None for the
+        # processor's own resize + centre crop (what the original's ScienceQA evaluation feeds).
+        self.image_aspect_ratio = getattr(model.config, "image_aspect_ratio", "pad")
         self.lock = threading.Lock()  # one generation at a time per model (the server relies on this)
 
     @classmethod
@@ -127,8 +130,7 @@ class Pipeline:
         if not self.is_multimodal:
             raise PromptError("this is a text-only model; it takes no images")
         pil = [load_image(image) for image in images]  # PIL images too: any mode to RGB, EXIF, pixel limit
-        aspect = getattr(self.model.config, "image_aspect_ratio", "pad")
-        return process_images(pil, self.image_processor, aspect).to(self.device, self.model.dtype)
+        return process_images(pil, self.image_processor, self.image_aspect_ratio).to(self.device, self.model.dtype)
 
     def encode(self, prompt: str, images: Sequence[ImageSource] | None, max_new_tokens: int) -> tuple[list[int], torch.Tensor | None, int]:
         """Token ids (with -200 placeholders), pixel values, and the new-token budget left by the context."""

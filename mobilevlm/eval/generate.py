@@ -43,13 +43,12 @@ def answered_keys(path: Path) -> Counter:
 @contextmanager
 def preprocessing(pipe, pad: bool):
     """ScienceQA feeds the raw CLIP processor (no padding to a square) whatever the checkpoint says."""
-    config = pipe.model.config
-    saved = getattr(config, "image_aspect_ratio", "pad")
-    config.image_aspect_ratio = saved if pad else None
+    saved = pipe.image_aspect_ratio
+    pipe.image_aspect_ratio = saved if pad else None
     try:
         yield
     finally:
-        config.image_aspect_ratio = saved
+        pipe.image_aspect_ratio = saved
 
 
 def answer_line(item: Item, text: str, model_id: str) -> dict:
