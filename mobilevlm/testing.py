@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mobilevlm.config import get_preset
+from mobilevlm.config import CLIP_L14_336, get_preset
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -65,8 +65,7 @@ def make_tiny_checkpoint(path: str | os.PathLike, preset: str = "tiny_v2", seed:
                          weights: str = "safetensors", max_shard_size: str | None = None, **overrides) -> Path:
     """Write config.json + weights (`safetensors` or `bin`, optionally sharded) + tokenizer files.
 
-    The config is written without our `mm_vision_tower_config` extension when `official_config=True` is not
-    needed; tiny towers have no hub id, so the tiny presets keep it.
+    Tiny towers have no hub id, so their config keeps our `mm_vision_tower_config` key (official configs lack it).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -96,7 +95,8 @@ def write_official_bin(model, path: Path, max_shard_size: str | None = None) -> 
     for i in range(model.config.num_hidden_layers):  # older checkpoints carry the rotary buffer
         state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(model.config.head_dim // 2)
     config = model.config.to_dict()
-    config.pop("mm_vision_tower_config", None) if model.config.mm_vision_tower in ("openai/clip-vit-large-patch14-336",) else None
+    if model.config.mm_vision_tower == CLIP_L14_336:  # an official config names its tower only by hub id
+        config.pop("mm_vision_tower_config", None)
     config["transformers_version"] = "4.33.1"
     (path / "config.json").write_text(json.dumps(config, indent=2))
     if not max_shard_size:
