@@ -33,7 +33,7 @@ def test_int4_linear_matches_its_dequantized_weights(group):
     linear = nn.Linear(256, 128, bias=False)
     q = Int4Linear.from_linear(linear, group)
     x = torch.randn(5, 256, dtype=torch.bfloat16)
-    assert _rel(q(x), x.float() @ q.dequantize().T) < 0.01
+    assert _rel(q(x), x.float() @ q.dequantize().float().T) < 0.01
     assert _rel(q(x), linear(x.float())) < 0.15  # 4-bit rounding of random weights
 
 

@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mobilevlm.errors import CheckpointError
-from mobilevlm.fast.quantize import QUANTIZED_CLASSES, quantizable_linears, to_bfloat16
+from mobilevlm.fast.quantize import QUANTIZED_CLASSES, Int4Linear, quantizable_linears, to_bfloat16
 
 WEIGHTS = "model.safetensors"
 # Non-weight files of a checkpoint directory that a quantized copy needs unchanged.
@@ -83,10 +84,56 @@ def _rebuild_non_persistent(model, config) -> None:
                 module.register_buffer(buffer_name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
 
 
+def _assign_from_file(model: nn.Module, path: Path) -> None:
+    """Reads the tensors module by module and packs each int4 layer as soon as it is read, so that peak memory is
+    the quantized model plus one layer, not the whole file twice (a state dict and the packed copy)."""
+    from safetensors import safe_open
+
+    missing = []
+    with safe_open(str(path), framework="pt") as file:
+        available = set(file.keys())
+        consumed = set()
+        for prefix, module in model.named_modules():
+            prefix = f"{prefix}." if prefix else ""
+            names = [name for name, _ in module.named_parameters(recurse=False)]
+            names += [name for name, _ in module.named_buffers(recurse=False)
+                      if name not in module._non_persistent_buffers_set]
+            if isinstance(module, Int4Linear):
+                names.append("qweight")
+            for name in names:
+                key = prefix + name
+                if key not in available:
+                    missing.append(key)
+                    continue
+                tensor = file.get_tensor(key)
+                consumed.add(key)
+                if name in module._parameters:
+                    _check_shape(key, module._parameters[name], tensor)
+                    module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+                elif name in module._buffers:
+                    _check_shape(key, module._buffers[name], tensor)
+                    module._buffers[name] = tensor
+                else:
+                    _check_shape(key, torch.empty(module.out_features, module.in_features // 2, dtype=torch.uint8, device="meta"), tensor)
+                    module._portable, module._packed = tensor, None
+            if isinstance(module, Int4Linear) and prefix + "qweight" in consumed:
+                module.pack()
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:6])}"
+                              + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+    unexpected = available - consumed
+    if unexpected:
+        raise CheckpointError(f"{path}: tensors the model does not have: {', '.join(sorted(unexpected)[:6])}")
+
+
+def _check_shape(key: str, expected: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tuple(expected.shape) != tuple(tensor.shape) or expected.dtype != tensor.dtype:
+        raise CheckpointError(f"{key}: expected {expected.dtype} {tuple(expected.shape)}, "
+                              f"found {tensor.dtype} {tuple(tensor.shape)} (does the file fit config.json?)")
+
+
 def load_quantized(model_dir):
     """(tokenizer, model, image_processor, context_len) from a directory written by `save_quantized`."""
-    from safetensors.torch import load_file
-
     from mobilevlm.model.loading import read_config
     from mobilevlm.processing import build_image_processor
     from mobilevlm.tokenizer import load_tokenizer
@@ -99,22 +146,13 @@ def load_quantized(model_dir):
         raise CheckpointError(f"{model_dir}: no {WEIGHTS}")
     tokenizer = load_tokenizer(model_dir)
     model = _empty_quantized_model(config)
-    state = load_file(model_dir / WEIGHTS)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{model_dir / WEIGHTS}: does not fit config.json: {err}") from None
-    del state
+    _assign_from_file(model, model_dir / WEIGHTS)
     _rebuild_non_persistent(model, config)
     leftover = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
     if leftover:
         raise CheckpointError(f"{model_dir / WEIGHTS}: no values for {', '.join(leftover[:6])}")
-    for module in model.modules():
-        if hasattr(module, "pack"):
-            module.pack()
     model.requires_grad_(False)
     image_processor = None
     if config.is_multimodal:
         image_processor = build_image_processor(config.vision_config().image_size, model_dir, config.mm_vision_tower)
     return tokenizer, model.eval(), image_processor, config.context_length
-

@@ -3,7 +3,8 @@
 - int8: symmetric per-output-channel int8 weights, `torch._weight_int8pack_mm` (bf16 activations). For
   prefill-sized inputs the weight is dequantized to bf16 and a bf16 GEMM is used instead: the int8 kernel is a
   GEMV at heart and is ~3x slower than oneDNN's bf16 GEMM once there are more than a few rows.
-- int4: asymmetric group-wise (min/max) 4-bit weights, `aten._weight_int4pack_mm_for_cpu`.
+- int4: asymmetric group-wise (min/max) 4-bit weights, `aten._weight_int4pack_mm_for_cpu`, for every input size
+  (unpacking the nibbles to bf16 for a GEMM costs more than the kernel's slower prefill: measured in docs/speed.md).
 
 Activations run in bf16 (both kernels are fast only for bf16 inputs on CPU), so `quantize_model` also casts
 the unquantized parts of the model to bf16. Only the language model is quantized by default: the CLIP tower
@@ -124,14 +125,23 @@ class Int4Linear(nn.Module):
         return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
     def dequantize(self) -> torch.Tensor:
-        q = self.values().float().reshape(self.out_features, -1, self.group_size)
+        """The bf16 weight [out, in], computed as q * scale + (zero - 8 * scale) in one fp32 pass."""
+        q = self.values().reshape(self.out_features, -1, self.group_size)
         scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)
-        return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
+        low = (zeros - 8 * scales)[..., None]
+        weight = torch.addcmul(low, q.float(), scales[..., None])
+        return weight.reshape(self.out_features, self.in_features).to(torch.bfloat16)
 
     def pack(self) -> None:
-        """Builds the kernel's packed weight (once, after quantizing or loading)."""
+        """Builds the kernel's packed weight (once, after quantizing or loading).
+
+        Packed in slices of rows (whole 64-row blocks, which the layout keeps contiguous) so that the int32 copy
+        the packing function takes stays small (the 32000-row lm_head would need 260 MB at once)."""
         if self._packed is None:
-            self._packed = torch._convert_weight_to_int4pack_for_cpu(self.values().to(torch.int32), 1)
+            values = self.values()
+            step = INT4_ROW_BLOCK * 64
+            self._packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(values[i:i + step].to(torch.int32), 1)
+                                      for i in range(0, self.out_features, step)])
             if _kernel_layout_known():
                 self._portable = None
 

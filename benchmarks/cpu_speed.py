@@ -1,0 +1,333 @@
+"""CPU speed of MobileVLM V2 (random weights, official shapes): transformers fp32/bf16, this project's fast
+path (bf16, int8, int4) and llama.cpp (Q8_0, Q4_0 GGUFs written by `mobilevlm export gguf`), side by side.
+
+    python benchmarks/cpu_speed.py --models 1.7b,3b --reps 3 --workdir /tmp/mvlm-bench
+
+Every configuration runs in its own process (peak RSS is that process's, load included), on one image and a
+200-position prompt (56 text tokens + 144 image tokens for the V2 projector; llama.cpp gets 200 text tokens:
+the same prefill work), then greedy decoding. Times are medians over the repetitions after one warm-up.
+TTFT = vision encode (CLIP + projector) + prefill + first token. Quality columns compare each
+configuration's logits (teacher-forced on the same input) and greedy tokens with the fp32 model. This is a
+script, not a test: it writes ~10 GB of random checkpoints per model size into --workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # robust 2-thread timings while other processes run
+
+PRESETS = {"1.7b": "mobilevlm_v2_1.7b", "3b": "mobilevlm_v2_3b"}
+CONFIGS = ("hf-fp32", "hf-bf16", "fast-bf16", "fast-int8", "fast-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")
+SAME_BITS = {"fast-int8": "llama.cpp-q8_0", "fast-int4": "llama.cpp-q4_0", "fast-bf16": "llama.cpp-q8_0"}
+PROMPT_TEXT_TOKENS = 56
+QUALITY_TOKENS = 16
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompt(num_image_tokens: int, vocab: int) -> tuple[list[int], list[int]]:
+    """Fixed token ids: ours (text + one -200 placeholder) and llama.cpp's (same number of positions)."""
+    import random
+
+    rng = random.Random(0)
+    text = [rng.randrange(3, vocab) for _ in range(PROMPT_TEXT_TOKENS)]
+    ours = [1] + text[:20] + [-200] + text[20:]
+    plain = [1] + [rng.randrange(3, vocab) for _ in range(len(ours) - 2 + num_image_tokens)]
+    return ours, plain
+
+
+def _image():
+    from PIL import Image
+
+    return Image.radial_gradient("L").resize((640, 480)).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+def _write_tokenizer(model_dir: Path, vocab: int) -> None:
+    """A LLaMA-style SentencePiece model padded to the full vocabulary, so the GGUF exporter sees 32000 ids."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from mobilevlm.testing import write_tiny_tokenizer
+
+    write_tiny_tokenizer(model_dir, 512)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((model_dir / "tokenizer.model").read_bytes())
+    for i in range(vocab - len(proto.pieces)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = f"\u2581pad{i}", -1000.0 - i, piece.NORMAL
+    (model_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+
+def prepare(size: str, workdir: Path) -> None:
+    import torch
+
+    from mobilevlm.cli import main as cli
+    from mobilevlm.config import get_preset
+    from mobilevlm.fast.checkpoint import save_quantized
+    from mobilevlm.fast.decoder import LeanDecoder
+    from mobilevlm.fast.quantize import quantize_model
+    from mobilevlm.model.loading import load_pretrained_model
+    from mobilevlm.model.mobilevlm import MobileLlamaForCausalLM
+    from mobilevlm.processing import process_images
+
+    root = workdir / size
+    source = root / "bf16"
+    if not (source / "model.safetensors.index.json").is_file() and not (source / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        config = get_preset(PRESETS[size])
+        model = MobileLlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(source)
+        del model
+        _write_tokenizer(source, config.vocab_size)
+        size_px = config.vision_config().image_size
+        (source / "preprocessor_config.json").write_text(json.dumps({
+            "crop_size": {"height": size_px, "width": size_px}, "size": {"shortest_edge": size_px},
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    for mode in ("int8", "int4"):
+        if not (root / mode / "model.safetensors").is_file():
+            _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
+            save_quantized(quantize_model(model, mode), source, root / mode)
+            del model
+    for outtype in ("q8_0", "q4_0"):
+        if not list((root / f"gguf-{outtype}").glob("*.gguf")):
+            cli(["export", "gguf", "--model", str(source), "--outdir", str(root / f"gguf-{outtype}"), "--outtype", outtype])
+    if not (root / "reference.pt").is_file():
+        _, model, processor, _ = load_pretrained_model(source, dtype="float32")
+        ids, _ = _prompt(model.config.num_image_tokens, model.config.vocab_size)
+        pixels = process_images([_image()], processor, "pad")
+        decoder = LeanDecoder(model, 512)
+        with torch.inference_mode():
+            embeds = decoder.embed_prompt(ids, pixels)
+            logits = model(inputs_embeds=embeds[None]).logits[0]
+        torch.save({"logits": logits, "greedy": _greedy(decoder, embeds, QUALITY_TOKENS)}, root / "reference.pt")
+
+
+def _greedy(decoder, embeds, n: int) -> list[int]:
+    logits, out = decoder.prefill(embeds), []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = decoder.step(out[-1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def _torch_runner(name: str, root: Path, threads: int):
+    """(model, vision(), prefill(embeds) -> logits, step(token) -> logits, prompt embeds, lean decoder or None)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from mobilevlm.fast.pipeline import FastPipeline
+    from mobilevlm.model.loading import load_pretrained_model
+    from mobilevlm.processing import process_images
+
+    family, kind = name.split("-")
+    if family == "hf":
+        _, model, processor, _ = load_pretrained_model(root / "bf16", dtype={"fp32": "float32", "bf16": "bfloat16"}[kind])
+        state = {}
+
+        def prefill(embeds):
+            out = model(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1)
+            state["cache"] = out.past_key_values
+            return out.logits[0, -1].float()
+
+        def step(token):
+            out = model(input_ids=torch.tensor([[token]]), cache=state["cache"], use_cache=True)
+            state["cache"] = out.past_key_values
+            return out.logits[0, -1].float()
+        decoder = None
+    else:
+        pipe = FastPipeline.from_pretrained(root / ("bf16" if kind == "bf16" else kind), dtype="bfloat16")
+        model, processor, decoder = pipe.model, pipe.image_processor, pipe.decoder
+        prefill, step = decoder.prefill, decoder.step
+    pixels = process_images([_image()], processor, "pad").to(model.dtype)
+    ids, _ = _prompt(model.config.num_image_tokens, model.config.vocab_size)
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_labels_for_multimodal(torch.tensor([ids]), None, None, pixels)[0][0]
+    return model, lambda: model.encode_images(pixels), prefill, step, embeds, decoder
+
+
+def _quality(model, decoder, embeds, root: Path) -> dict:
+    import torch
+
+    if not (root / "reference.pt").is_file():
+        return {}
+    reference = torch.load(root / "reference.pt")
+    with torch.inference_mode():
+        logits = model(inputs_embeds=embeds[None].to(model.dtype)).logits[0].float()
+    diff = (logits - reference["logits"]).abs()
+    result = {"max_logit_diff": diff.max().item(), "mean_logit_diff": diff.mean().item(),
+              "top1_agree": (logits.argmax(-1) == reference["logits"].argmax(-1)).float().mean().item()}
+    if decoder is not None:
+        with torch.inference_mode():
+            greedy = _greedy(decoder, embeds, QUALITY_TOKENS)
+        result["greedy_agree"] = next((i for i, (a, b) in enumerate(zip(greedy, reference["greedy"])) if a != b), len(greedy))
+    return result
+
+
+def measure_torch(name: str, root: Path, args) -> dict:
+    import torch
+
+    model, vision, prefill, step, embeds, decoder = _torch_runner(name, root, args.threads)
+    runs = []
+    with torch.inference_mode():
+        for rep in range(args.reps + 1):
+            t0 = time.perf_counter()
+            vision()
+            t1 = time.perf_counter()
+            token = int(prefill(embeds).argmax())
+            t2 = time.perf_counter()
+            for _ in range(args.new - 1 if rep else 3):
+                token = int(step(token).argmax())
+            t3 = time.perf_counter()
+            if rep:
+                runs.append((t1 - t0, t2 - t1, (args.new - 1) / (t3 - t2)))
+    result = _summary(runs, embeds.shape[0])
+    result.update(_quality(model, decoder, embeds, root) if name != "hf-fp32" else {})
+    return result
+
+
+def measure_llamacpp(name: str, root: Path, args) -> dict:
+    import numpy as np
+
+    from mobilevlm.export.llamacpp_runtime import LlamaCppVLM
+
+    folder = root / f"gguf-{name.split('-')[1]}"
+    mmproj = next(folder.glob("mmproj*.gguf"))
+    llm_file = next(p for p in folder.glob("*.gguf") if p != mmproj)
+    vlm = LlamaCppVLM(llm_file, mmproj, n_ctx=512, n_threads=args.threads)
+    lib, ctx = vlm._lib, vlm.llm._ctx.ctx
+    n_vocab = vlm.llm.n_vocab()
+    _, plain = _prompt(144, n_vocab)
+    image = _image()
+
+    def decode(tokens: list[int]) -> int:
+        # llama_batch_get_one asks for the last position's logits only (as our prefill computes)
+        if lib.llama_decode(ctx, lib.llama_batch_get_one((lib.llama_token * len(tokens))(*tokens), len(tokens))) != 0:
+            raise RuntimeError("llama_decode failed")
+        return int(np.argmax(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
+
+    runs = []
+    for rep in range(args.reps + 1):
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        t0 = time.perf_counter()
+        vlm.image_embeddings(image)
+        t1 = time.perf_counter()
+        token = decode(plain)
+        t2 = time.perf_counter()
+        for _ in range(args.new - 1 if rep else 3):
+            token = decode([token])
+        t3 = time.perf_counter()
+        if rep:
+            runs.append((t1 - t0, t2 - t1, (args.new - 1) / (t3 - t2)))
+    return _summary(runs, len(plain))
+
+
+def _summary(runs, prompt_len: int) -> dict:
+    vision = statistics.median(r[0] for r in runs)
+    prefill = statistics.median(r[1] for r in runs)
+    return {"vision_s": vision, "prefill_s": prefill, "prefill_tok_s": prompt_len / prefill,
+            "ttft_s": statistics.median(r[0] + r[1] for r in runs), "decode_tok_s": statistics.median(r[2] for r in runs),
+            "decode_best": max(r[2] for r in runs), "peak_rss_mib": _peak_rss_mib(), "reps": len(runs),
+            "load": os.getloadavg()[0]}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        import llama_cpp
+
+        llama = f"llama-cpp-python {llama_cpp.__version__}"
+    except ImportError:
+        llama = "llama-cpp-python not installed"
+    return (f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}; "
+            f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {llama}")
+
+
+def print_table(size: str, results: dict, args) -> None:
+    print(f"\nMobileVLM V2 {size} ({PRESETS[size]}), random weights; 1 image, {PROMPT_TEXT_TOKENS} text + image tokens "
+          f"prefill, {args.new} new tokens, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"median of {args.reps}")
+    head = ("| config | vision s | prefill tok/s | TTFT s | decode tok/s (best) | peak RSS MiB | decode vs llama.cpp | "
+            "TTFT vs llama.cpp | max/mean logit diff vs fp32 | top-1 agree | greedy agree |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | error: {r['error']} |")
+            continue
+        other = results.get(SAME_BITS.get(name, ""), {})
+        ratio = (f"{r['decode_tok_s'] / other['decode_tok_s']:.2f}x" if "decode_tok_s" in other else "-")
+        ttft = (f"{r['ttft_s'] / other['ttft_s']:.2f}x" if "ttft_s" in other else "-")
+        quality = (f"{r['max_logit_diff']:.3f} / {r['mean_logit_diff']:.4f}" if "max_logit_diff" in r else "-")
+        top1 = f"{r['top1_agree']:.3f}" if "top1_agree" in r else "-"
+        greedy = f"{r['greedy_agree']}/{QUALITY_TOKENS}" if "greedy_agree" in r else "-"
+        print(f"| {name} | {r['vision_s']:.2f} | {r['prefill_tok_s']:.0f} | {r['ttft_s']:.2f} | "
+              f"{r['decode_tok_s']:.1f} ({r['decode_best']:.1f}) | {r['peak_rss_mib']:.0f} | {ratio} | {ttft} | "
+              f"{quality} | {top1} | {greedy} |")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1.7b", help="comma-separated: 1.7b, 3b")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--new", type=int, default=64, help="new tokens per repetition")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("bench-work"))
+    parser.add_argument("--json", type=Path, default=None, help="also write all results here")
+    parser.add_argument("--_child", nargs=2, metavar=("SIZE", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        size, name = args._child
+        root = args.workdir / size
+        if name == "prepare":
+            prepare(size, args.workdir)
+            return 0
+        result = measure_llamacpp(name, root, args) if name.startswith("llama.cpp") else measure_torch(name, root, args)
+        print("RESULT " + json.dumps(result))
+        return 0
+    print(f"machine: {machine()}")
+    print(f"load average at start: {os.getloadavg()}")
+    everything = {}
+    base = [sys.executable, __file__, "--workdir", str(args.workdir), "--reps", str(args.reps), "--new", str(args.new),
+            "--threads", str(args.threads)]
+    for size in args.models.split(","):
+        subprocess.run(base + ["--_child", size, "prepare"], check=True)
+        results = {}
+        for name in args.configs.split(","):
+            done = subprocess.run(base + ["--_child", size, name], capture_output=True, text=True)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            results[name] = json.loads(line[7:]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            print(f"{size} {name}: {results[name]}", file=sys.stderr, flush=True)
+        everything[size] = results
+        print_table(size, results, args)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "results": everything}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
