@@ -92,3 +92,17 @@ def test_top_p_keeps_only_the_nucleus():
     settings = GenerationSettings(temperature=1.0, top_p=0.99)
     assert {sample_next(logits, settings) for _ in range(200)} == {0, 1}
     assert sample_next(logits, GenerationSettings()) == 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_transformers_path_and_lean_path_agree(checkpoints, mode):
+    """`mobilevlm chat --quantize` quantizes the Pipeline's model in place; FastPipeline decodes the same weights."""
+    from mobilevlm.fast.quantize import quantize_model
+
+    reference = Pipeline.from_pretrained(checkpoints["tiny_v2"], dtype="bfloat16")
+    quantize_model(reference.model, mode, group_size=32)
+    fast = FastPipeline.from_pretrained(checkpoints["tiny_v2"], quantize=mode, group_size=32)
+    images = [Image.new("RGB", (50, 70), (20, 40, 220))]
+    prompt = reference.build_prompt("What is in the image?")
+    expected = _ids(reference, prompt, images, 12)
+    assert _ids(fast, prompt, images, 12) == expected
