@@ -49,13 +49,15 @@ def test_prefill_and_steps_match_full_forward():
 
 
 def test_fusion_keeps_model_weights_shared_and_unchanged():
-    model = make_tiny_model("tiny_llama", seed=2)
+    from mobilevlm.fast.quantize import quantize_model
+
+    model = quantize_model(make_tiny_model("tiny_llama", seed=2), "int8")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     decoder = LeanDecoder(model, max_len=16)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    fused = decoder.layers[0].qkv.weight
-    assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() == fused[64:].data_ptr()
+    fused = decoder.layers[0].qkv.qweight
+    assert model.model.layers[0].self_attn.k_proj.qweight.data_ptr() == fused[64:].data_ptr()
 
 
 def test_context_overflow_is_a_clear_error():

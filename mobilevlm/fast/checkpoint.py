@@ -92,14 +92,19 @@ def _assign_from_file(model: nn.Module, path: Path) -> None:
     missing = []
     with safe_open(str(path), framework="pt") as file:
         available = set(file.keys())
-        consumed = set()
-        for prefix, module in model.named_modules():
-            prefix = f"{prefix}." if prefix else ""
-            names = [name for name, _ in module.named_parameters(recurse=False)]
-            names += [name for name, _ in module.named_buffers(recurse=False)
-                      if name not in module._non_persistent_buffers_set]
-            if isinstance(module, Int4Linear):
-                names.append("qweight")
+    consumed = set()
+    for prefix, module in model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        names = [name for name, _ in module.named_parameters(recurse=False)]
+        names += [name for name, _ in module.named_buffers(recurse=False)
+                  if name not in module._non_persistent_buffers_set]
+        if isinstance(module, Int4Linear):
+            names.append("qweight")
+        if not names:
+            continue
+        # Reopened per module: the tensors are copied out of the memory map, and while a map stays open every
+        # page read so far counts as resident, which would double the peak memory of a load.
+        with safe_open(str(path), framework="pt") as file:
             for name in names:
                 key = prefix + name
                 if key not in available:
@@ -114,10 +119,11 @@ def _assign_from_file(model: nn.Module, path: Path) -> None:
                     _check_shape(key, module._buffers[name], tensor)
                     module._buffers[name] = tensor
                 else:
-                    _check_shape(key, torch.empty(module.out_features, module.in_features // 2, dtype=torch.uint8, device="meta"), tensor)
+                    expected = torch.empty(module.out_features, module.in_features // 2, dtype=torch.uint8, device="meta")
+                    _check_shape(key, expected, tensor)
                     module._portable, module._packed = tensor, None
-            if isinstance(module, Int4Linear) and prefix + "qweight" in consumed:
-                module.pack()
+        if isinstance(module, Int4Linear) and prefix + "qweight" in consumed:
+            module.pack()
     if missing:
         raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:6])}"
                               + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
