@@ -212,8 +212,10 @@ def measure_llamacpp(name: str, root: Path, args) -> dict:
     image = _image()
 
     def decode(tokens: list[int]) -> int:
-        # llama_batch_get_one asks for the last position's logits only (as our prefill computes)
-        if lib.llama_decode(ctx, lib.llama_batch_get_one((lib.llama_token * len(tokens))(*tokens), len(tokens))) != 0:
+        # llama_batch_get_one asks for the last position's logits only (as our prefill computes); the batch
+        # points into `array`, which must stay alive until llama_decode returns
+        array = (lib.llama_token * len(tokens))(*tokens)
+        if lib.llama_decode(ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
             raise RuntimeError("llama_decode failed")
         return int(np.argmax(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
 
