@@ -22,7 +22,7 @@ from mobilevlm.demo.scenes import COLORS, SHAPES, Scene, render, sample_shapes, 
 BENCHMARKS = ("gqa", "sqa", "textvqa", "pope", "mme", "mmbench")
 POPE_SPLITS = (("adversarial", 1), ("random", 10000001), ("popular", 20000001))  # LLaVA's file order and id ranges
 MME_SUBTASKS = ("existence", "count", "position", "color", "OCR")
-FULL_SIZES = {"gqa": 120, "sqa": 80, "textvqa": 80, "pope": 30, "mme": 16, "mmbench": 40}
+FULL_SIZES = {"gqa": 120, "sqa": 80, "textvqa": 80, "pope": 20, "mme": 16, "mmbench": 40}
 FAST_SIZES = {"gqa": 40, "sqa": 30, "textvqa": 30, "pope": 10, "mme": 6, "mmbench": 16}
 
 

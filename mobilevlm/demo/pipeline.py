@@ -22,18 +22,19 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class DemoSettings:
     train_images: int = 6000
-    pretrain_samples: int = 3000
-    finetune_samples: int = 6000
+    pretrain_samples: int = 2000
+    finetune_samples: int = 5000
     eval_sizes: dict = field(default_factory=lambda: dict(benchmarks.FULL_SIZES))
     vocab_size: int = 1000
-    clip_steps: int = 120
+    clip_steps: int = 100
     llm_steps: int = 200
-    pretrain_epochs: float = 1.0
-    finetune_epochs: float = 1.0
+    # Tiny models learn from the number of updates more than from the batch: small batches, two epochs.
+    pretrain_epochs: float = 2.0
+    finetune_epochs: float = 2.0
     pretrain_lr: float = 1e-3
     pretrain_projector_lr: float = 3e-3
-    finetune_lr: float = 1.5e-3
-    batch_size: int = 16
+    finetune_lr: float = 2e-3
+    batch_size: int = 8
     tower: bases.TowerSize = bases.TowerSize()
     llm: bases.LlmSize = bases.LlmSize()
 
