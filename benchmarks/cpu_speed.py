@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # robust 2-thread timings w
 
 PRESETS = {"1.7b": "mobilevlm_v2_1.7b", "3b": "mobilevlm_v2_3b"}
 CONFIGS = ("hf-fp32", "hf-bf16", "fast-bf16", "fast-int8", "fast-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")
-SAME_BITS = {"fast-int8": "llama.cpp-q8_0", "fast-int4": "llama.cpp-q4_0", "fast-bf16": "llama.cpp-q8_0"}
+SAME_BITS = {"fast-int8": "llama.cpp-q8_0", "fast-int4": "llama.cpp-q4_0"}
 PROMPT_TEXT_TOKENS = 56
 QUALITY_TOKENS = 16
 
