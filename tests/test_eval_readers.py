@@ -71,14 +71,14 @@ class RecordingPipe:
     """Stands in for `Pipeline`: records prompts, image counts, settings and the aspect-ratio mode."""
 
     def __init__(self):
-        self.model = type("M", (), {"config": type("C", (), {"image_aspect_ratio": "pad"})()})()
+        self.image_aspect_ratio = "pad"
         self.calls = []
 
     def build_prompt(self, question, num_images=1, conv_mode=None):
         return "<image>\n" * num_images + question
 
     def generate_batch(self, requests, **settings):
-        self.calls.append(([(p, len(i)) for p, i in requests], settings, self.model.config.image_aspect_ratio))
+        self.calls.append(([(p, len(i)) for p, i in requests], settings, self.image_aspect_ratio))
         return [f"answer {len(self.calls)}.{n}" for n in range(len(requests))]
 
 
@@ -89,7 +89,7 @@ def test_writer_batches_settings_and_format(data, tmp_path):
     (first, settings, aspect), (second, _, _) = pipe.calls
     assert [n for _, n in first] == [1, 0, 1] and [n for _, n in second] == [0]
     assert settings == {"temperature": 0, "top_p": None, "num_beams": 1, "max_new_tokens": 1024}
-    assert aspect is None and pipe.model.config.image_aspect_ratio == "pad"  # raw processor only during SQA
+    assert aspect is None and pipe.image_aspect_ratio == "pad"  # raw processor only during SQA
     lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert list(lines[0]) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
     assert [line["text"] for line in lines] == ["answer 1.0", "answer 1.1", "answer 1.2", "answer 2.0"]
