@@ -72,3 +72,9 @@ def test_saving_an_unquantized_model_is_refused(source, tmp_path):
     _, model, _, _ = load_pretrained_model(source)
     with pytest.raises(CheckpointError, match="not quantized"):
         save_quantized(copy.deepcopy(model), source, tmp_path / "x")
+
+
+def test_cli_report_prints_quality_numbers(source, tmp_path, capsys):
+    assert main(["quantize", "--model", str(source), "--out", str(tmp_path / "q8"), "--mode", "int8", "--report"]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert 0 < report["mean_abs_diff"] < report["max_abs_diff"] and 0 <= report["top1_agreement"] <= 1

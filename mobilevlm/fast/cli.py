@@ -24,12 +24,13 @@ def run_quantize(args: argparse.Namespace) -> int:
     from mobilevlm.fast.quantize import quantize_model
     from mobilevlm.model.loading import load_pretrained_model
 
-    tokenizer, model, _, _ = load_pretrained_model(args.model, device="cpu", dtype="bfloat16")
+    # --report compares against the checkpoint in fp32, so it is loaded in fp32 and quantized from a copy
+    tokenizer, model, _, _ = load_pretrained_model(args.model, device="cpu", dtype="float32" if args.report else "bfloat16")
     reference = None
     if args.report:
         import copy
 
-        reference = copy.deepcopy(model).float()
+        reference, model = model, copy.deepcopy(model)
     quantize_model(model, args.mode, args.group_size, include_vision=args.include_vision)
     out = save_quantized(model, args.model, args.out)
     print(f"wrote {args.mode} checkpoint to {out}")

@@ -34,7 +34,7 @@ class FastPipeline(Pipeline):
 
     @classmethod
     def from_pretrained(cls, model_path, device: str = "cpu", dtype="bfloat16", quantize: str | None = None,
-                        group_size: int | None = None, conv_mode: str = "v1", **unused) -> "FastPipeline":
+                        group_size: int | None = None, conv_mode: str = "v1") -> "FastPipeline":
         """A checkpoint directory (full precision, or written by `mobilevlm quantize`) on the CPU.
 
         `quantize` ("int8" / "int4") quantizes a full-precision checkpoint while loading; `dtype` is the
