@@ -38,15 +38,18 @@ def register(subparsers) -> None:
 def _pipeline(args):
     import torch
 
+    from mobilevlm.fast.checkpoint import is_quantized_checkpoint
     from mobilevlm.generation import Pipeline
+    from mobilevlm.model.loading import resolve_model_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=args.dtype, conv_mode=args.conv_mode)
-    if args.quantize:
-        from mobilevlm.fast.quantize import quantize_model
+    model_dir = resolve_model_dir(args.model)
+    if args.quantize or (device == "cpu" and is_quantized_checkpoint(model_dir)):
+        from mobilevlm.fast.pipeline import FastPipeline  # the lean int8 / int4 CPU decoder
 
-        quantize_model(pipe.model, args.quantize)
-    return pipe
+        return FastPipeline.from_pretrained(model_dir, device=device, dtype=args.dtype or "bfloat16",
+                                            quantize=args.quantize, conv_mode=args.conv_mode)
+    return Pipeline.from_pretrained(model_dir, device=device, dtype=args.dtype, conv_mode=args.conv_mode)
 
 
 def _settings(args) -> dict:

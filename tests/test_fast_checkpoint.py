@@ -78,3 +78,19 @@ def test_cli_report_prints_quality_numbers(source, tmp_path, capsys):
     assert main(["quantize", "--model", str(source), "--out", str(tmp_path / "q8"), "--mode", "int8", "--report"]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert 0 < report["mean_abs_diff"] < report["max_abs_diff"] and 0 <= report["top1_agreement"] <= 1
+
+
+def test_quantized_directory_loads_through_the_ordinary_entry_points(source, tmp_path, capsys):
+    assert main(["quantize", "--model", str(source), "--out", str(tmp_path / "q8"), "--mode", "int8"]) == 0
+    _, model, processor, _ = load_pretrained_model(tmp_path / "q8")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear) and processor is not None
+    image = tmp_path / "green.png"
+    Image.new("RGB", (64, 80), (10, 200, 30)).save(image)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "q8"), "--image", str(image), "--prompt", "Colour?",
+                 "--max-new-tokens", "6"]) == 0
+    expected = FastPipeline.from_pretrained(tmp_path / "q8")
+    answer = expected.generate(expected.build_prompt("Colour?"), [image], max_new_tokens=6)
+    assert capsys.readouterr().out.strip() == answer
+    with pytest.raises(Exception, match="quantized CPU checkpoint"):
+        load_pretrained_model(tmp_path / "q8", device="cuda")

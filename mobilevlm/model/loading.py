@@ -122,10 +122,15 @@ def load_pretrained_model(model_path, load_8bit: bool = False, load_4bit: bool =
                           device: str = "cpu", dtype: str | torch.dtype | None = None):
     """Returns `(tokenizer, model, image_processor, context_len)` like the original; image_processor is None for
     text-only MobileLLaMA checkpoints."""
+    from mobilevlm.fast.checkpoint import is_quantized_checkpoint, load_quantized
     from mobilevlm.processing import build_image_processor
     from mobilevlm.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(model_path)
+    if is_quantized_checkpoint(model_dir):  # written by `mobilevlm quantize`: int8 / int4 CPU weights
+        if str(device) != "cpu":
+            raise MobileVLMError(f"{model_dir} is a quantized CPU checkpoint; load the full-precision one on {device}")
+        return load_quantized(model_dir)
     config = read_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, config, resolve_dtype(dtype, device), device, device_map,
