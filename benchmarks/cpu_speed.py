@@ -1,7 +1,7 @@
 """CPU speed of MobileVLM V2 (random weights, official shapes): transformers fp32/bf16, this project's fast
 path (bf16, int8, int4) and llama.cpp (Q8_0, Q4_0 GGUFs written by `mobilevlm export gguf`), side by side.
 
-    python benchmarks/cpu_speed.py --models 1.7b,3b --reps 3 --workdir /tmp/mvlm-bench
+    python benchmarks/cpu_speed.py --models 1.7b,3b --reps 3 --workdir bench-work
 
 Every configuration runs in its own process (peak RSS is that process's, load included), on one image and a
 200-position prompt (56 text tokens + 144 image tokens for the V2 projector; llama.cpp gets 200 text tokens:
