@@ -101,6 +101,12 @@ def build_image_processor(image_size: int, model_dir: str | os.PathLike | None =
     return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
+def save_clip_preprocessor_config(directory: str | os.PathLike, image_size: int) -> None:
+    """preprocessor_config.json of the standard CLIP preprocessing at `image_size` (for towers we create)."""
+    processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor.save_pretrained(str(directory))
+
+
 def process_images(images: list[Image.Image], image_processor, image_aspect_ratio: str | None = "pad") -> torch.Tensor:
     """[n, 3, H, W] pixel values; `pad` squares each image in the processor's mean colour first (the original)."""
     if image_aspect_ratio == "pad":

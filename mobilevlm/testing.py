@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mobilevlm.config import CLIP_L14_336, get_preset
+from mobilevlm.processing import save_clip_preprocessor_config
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -79,13 +80,7 @@ def make_tiny_checkpoint(path: str | os.PathLike, preset: str = "tiny_v2", seed:
         write_official_bin(model, path, max_shard_size)
     write_tiny_tokenizer(path, model.config.vocab_size)
     if model.config.is_multimodal:
-        size = model.config.vision_config().image_size
-        (path / "preprocessor_config.json").write_text(json.dumps({
-            "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size},
-            "do_center_crop": True, "do_normalize": True, "do_resize": True, "do_rescale": True,
-            "do_convert_rgb": True, "resample": 3, "rescale_factor": 1 / 255,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "image_processor_type": "CLIPImageProcessor"}, indent=2))
+        save_clip_preprocessor_config(path, model.config.vision_config().image_size)
     return path
 
 

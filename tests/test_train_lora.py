@@ -1,4 +1,6 @@
 """LoRA: a merged checkpoint gives the logits of base + adapter; the CLI merge verb."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,7 +24,8 @@ def lora_run(tmp_path_factory):
                         "--per_device_train_batch_size", "4", "--max_steps", "4", "--report_to", "none",
                         "--use_cpu", "True", "--dataloader_num_workers", "0", "--model_max_length", "128",
                         "--disable_tqdm", "True"])
-    return base, root / "lora", setup, root
+    assert Path(out) == root / "lora"
+    return base, Path(out), setup, root
 
 
 def logits(model, tokenizer, processor, setup):

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mobilevlm.demo.scenes import IMAGE_SIZE, Scene, caption, regions, render
+from mobilevlm.processing import save_clip_preprocessor_config
 
 Log = Callable[[str], None]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -162,11 +162,7 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
     tower.load_state_dict(model.vision_model.state_dict())
     out_dir = Path(out_dir)
     tower.save_pretrained(out_dir)
-    (out_dir / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "size": {"shortest_edge": IMAGE_SIZE},
-        "do_center_crop": True, "do_normalize": True, "do_resize": True, "do_rescale": True, "do_convert_rgb": True,
-        "resample": 3, "rescale_factor": 1 / 255, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
-        "image_processor_type": "CLIPImageProcessor"}, indent=2))
+    save_clip_preprocessor_config(out_dir, IMAGE_SIZE)
     return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "seconds": time.time() - start}
 
