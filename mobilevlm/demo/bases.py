@@ -61,6 +61,16 @@ def train_tokenizer(lines: list[str], out_dir: Path, vocab_size: int) -> Path:
     return path
 
 
+def _optimizer_step(optimizer, loss, step: int, steps: int, lr: float) -> float:
+    """One update on the warm-up + cosine schedule both base models use; returns the loss value."""
+    for group in optimizer.param_groups:
+        group["lr"] = _cosine_lr(step, steps, lr, max(1, steps // 10))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -150,12 +160,7 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
         phrase_embeds = model.text_projection(model.text_model(*_encode_texts(sp, phrases, eot)).pooler_output)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = _soft_clip_loss(image_embeds, caption_embeds, captions, scale) + _soft_clip_loss(region_embeds, phrase_embeds, phrases, scale)
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, max(1, steps // 10))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(optimizer, loss, step, steps, lr))
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log(f"clip step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
     tower = CLIPVisionModel(model.config.vision_config)
@@ -195,12 +200,7 @@ def pretrain_language_model(texts: list[str], tokenizer_dir: Path, out_dir: Path
             ids[row, : len(seq)] = torch.tensor(seq)
             labels[row, : len(seq)] = torch.tensor(seq)
         loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, max(1, steps // 10))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(optimizer, loss, step, steps, lr))
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
             log(f"llm step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
     out_dir = Path(out_dir)
