@@ -10,3 +10,5 @@ IMAGE_PLACEHOLDER = "<image-placeholder>"
 
 # Decompression-bomb guard for every image we open (CLI, server, data loaders): 64 megapixels.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Longer side over shorter side: beyond this, preprocessing would allocate a strip far larger than the image.
+MAX_ASPECT_RATIO = 50

@@ -165,6 +165,8 @@ class Pipeline:
                                        eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **kwargs)
 
     def _settings(self, settings: dict) -> GenerationSettings:
+        if isinstance(settings.get("stop"), str):  # one stop string, not a sequence of characters
+            settings["stop"] = (settings["stop"],)
         if settings.get("stop") is None:
             # the template's stop string ends the answer, as the original's KeywordsStoppingCriteria([stop_str])
             settings["stop"] = (self.conversation().stop_str,)
@@ -268,15 +270,17 @@ class Chat:
 
     def ask_stream(self, text: str, images: Sequence[ImageSource] = (), **settings) -> Iterator[str]:
         prompt = self._prepare(text, images)
-        pieces = []
+        pieces, finished = [], False
         try:
             for piece in self.pipeline.stream(prompt, self.images, **{"stop": [self.conv.stop_str], **settings}):
                 pieces.append(piece)
                 yield piece
-        except Exception:
-            self._rollback(len(images))
-            raise
-        self._finish("".join(pieces))
+            finished = True
+        finally:  # an error, or a consumer that stops reading (GeneratorExit), leaves no half turn behind
+            if finished:
+                self._finish("".join(pieces))
+            else:
+                self._rollback(len(images))
 
     def _rollback(self, new_images: int) -> None:
         del self.conv.messages[-2:]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from mobilevlm.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, MAX_IMAGE_PIXELS
+from mobilevlm.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
 from mobilevlm.errors import ImageError
 
 ImageSource = str | os.PathLike | bytes | Image.Image
@@ -38,8 +38,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: st
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(stream)
-                if image.width * image.height > max_pixels:
-                    raise ImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
+                check_image_size(image.width, image.height, max_pixels, label)
                 image.load()
         except UnidentifiedImageError:
             raise ImageError(f"{label}: not an image file (format not recognised)") from None
@@ -50,13 +49,24 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: st
         finally:
             if not isinstance(source, bytes):
                 stream.close()
-    if image.width * image.height > max_pixels:
-        raise ImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
+    check_image_size(image.width, image.height, max_pixels, label)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block must not lose the image itself
         pass
     return to_rgb(image)
+
+
+def check_image_size(width: int, height: int, max_pixels: int, label: str) -> None:
+    """Pixel limit, counted on what preprocessing will allocate: padding makes a square of the longer side, and
+    a very elongated image becomes a huge strip after the shortest-edge resize."""
+    if width * height > max_pixels:
+        raise ImageError(f"{label}: {width}x{height} pixels exceeds the limit of {max_pixels}")
+    if max(width, height) ** 2 > max_pixels:
+        raise ImageError(f"{label}: {width}x{height} would be padded to a {max(width, height)}-pixel square, "
+                         f"over the limit of {max_pixels} pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ImageError(f"{label}: {width}x{height} is more elongated than {MAX_ASPECT_RATIO}:1")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

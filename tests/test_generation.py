@@ -146,6 +146,20 @@ def test_chat_keeps_history(tiny_pipeline, images):
     assert len(chat.conv.messages) == 4  # the failed turn was rolled back
 
 
+def test_abandoned_chat_stream_leaves_no_half_turn(tiny_pipeline, images):
+    chat = tiny_pipeline.chat()
+    stream = chat.ask_stream("What is it?", images=[images[0]], max_new_tokens=6)
+    next(stream)
+    stream.close()  # the reader went away mid-answer
+    assert chat.conv.messages == [] and chat.images == []
+    chat.ask("And now?", max_new_tokens=2)
+    assert chat.conv.get_prompt().endswith("USER: And now? ASSISTANT: " + chat.conv.messages[-1][1] + "</s>")
+
+
+def test_a_single_stop_string_is_not_a_set_of_characters(tiny_pipeline):
+    assert tiny_pipeline._settings({"stop": "###"}).stop == ("###",)
+
+
 def test_pil_images_of_any_mode(tiny_pipeline):
     prompt = tiny_pipeline.build_prompt("What is it?")
     grey = Image.new("L", (40, 60), 90)

@@ -176,3 +176,21 @@ def test_pixel_limit(tmp_path):
     Image.new("1", (10_000, 7_000)).save(bomb)  # 70 megapixels, a few kB on disk
     with pytest.raises(ImageError, match="bomb.png: 10000x7000 pixels exceeds the limit"):
         load_image(bomb)
+
+
+@pytest.mark.parametrize("size,limit,reason", [((2000, 50), 1_000_000, "padded to a 2000-pixel square"),
+                                               ((600, 10), 64_000_000, "more elongated than 50:1")])
+def test_sizes_that_preprocessing_would_blow_up_are_refused(size, limit, reason):
+    """Width x height is small, but padding (a square of the longer side) or the shortest-edge resize of a very
+    elongated strip would allocate far more: refused from the header, before decoding."""
+    import io
+
+    from PIL import Image
+
+    from mobilevlm.errors import ImageError
+    from mobilevlm.processing import load_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format="PNG")
+    with pytest.raises(ImageError, match=reason):
+        load_image(buffer.getvalue(), max_pixels=limit)

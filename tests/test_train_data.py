@@ -54,6 +54,9 @@ BAD = [
     ({"id": "s7", "conversations": "nope"}, "no `conversations`"),
     ({"id": "s7", "image": "a.png", "conversations": [{"from": "human", "value": "no tag"}, {"from": "gpt", "value": "x"}]},
      "no <image> tag"),
+    ({"id": "s7", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nq1"}, {"from": "gpt", "value": "x"},
+        {"from": "human", "value": "<image>\nq2"}, {"from": "gpt", "value": "y"}]}, "appears in 2 turns"),
 ]
 
 

@@ -145,7 +145,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
             raise ApiError(400, str(err), param="messages") from None
         prompt_tokens = len(ids) + len(rendered.images) * (pipeline.model.config.num_image_tokens - 1)
         generation = dict(temperature=chat.temperature or 0.0, top_p=chat.top_p, max_new_tokens=max_tokens,
-                          stop=chat.stop_list)
+                          stop=chat.stop_list or None)
         job = _admit(work.submit, rendered.prompt, rendered.images, generation, chat.seed)
         reply = _Reply(pipeline, settings.model_name, prompt_tokens, budget)
         if chat.stream:

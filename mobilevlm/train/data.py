@@ -99,6 +99,9 @@ def check_record(record, version: str, image_folder: Path | None) -> list[dict]:
             raise ValueError("the sample has an image but no --image_folder was given")
         if not has_tag:
             raise ValueError("the sample has an image but no <image> tag in its conversation")
+        tagged_turns = sum(DEFAULT_IMAGE_TOKEN in t["value"] for t in turns)
+        if version != "plain" and tagged_turns > 1:  # each tagged turn becomes one placeholder, for one image
+            raise ValueError(f"<image> appears in {tagged_turns} turns but the sample has one image")
         if not (image_folder / str(record["image"])).is_file():
             raise ValueError(f"missing image file {image_folder / str(record['image'])}")
     elif has_tag:
