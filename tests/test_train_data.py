@@ -93,6 +93,15 @@ def test_skip_bad_samples_reports_them(folder, tok):
     assert item["sample_id"] == "s1"
     assert ds.report.skipped[-1].sample_id == "s3" and "broken.png" in ds.report.skipped[-1].reason
     assert "skipped 3 of 5" in ds.report.summary()
+    assert ds[2]["sample_id"] == "s1" and len(ds.report.skipped) == 3  # reported once, not once per epoch
+
+
+def test_a_long_run_of_corrupt_images_is_skipped_without_recursion(folder, tok):
+    import sys
+
+    records = [{**good(i), "image": "broken.png"} for i in range(sys.getrecursionlimit() + 10)] + [good(99999)]
+    ds = dataset(folder, tok, records, skip_bad_samples=True)
+    assert ds[0]["sample_id"] == "s99999"
 
 
 def test_corrupt_image_without_skip_is_an_error(folder, tok):

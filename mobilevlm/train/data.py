@@ -171,6 +171,15 @@ class LazySupervisedDataset(Dataset):
         return torch.zeros(3, size["height"], size["width"])
 
     def __getitem__(self, index: int) -> dict:
+        # Decoding is lazy, so a corrupt image is only found here: with skip_bad_samples, report it (once) and
+        # use the next sample whose image reads.
+        for offset in range(len(self)):
+            item = self._item((index + offset) % len(self))
+            if item is not None:
+                return item
+        raise DataError(f"{self.path}: no sample has a readable image")
+
+    def _item(self, index: int) -> dict | None:
         sample = self.samples[index]
         image = None
         if sample["image"] is not None:
@@ -179,10 +188,10 @@ class LazySupervisedDataset(Dataset):
             except ImageError as err:
                 if not self.skip_bad_samples:
                     raise DataError(f"{self.path}: sample {sample['id']!r} ({sample['where']}): {err}") from None
-                # Decoding is lazy, so a corrupt image is only found here: report it and use the next sample.
-                self.report.skipped.append(BadSample(sample["id"], f"unreadable image: {err}"))
-                logger.warning("%s: skipping sample %r: %s", self.path, sample["id"], err)
-                return self[(index + 1) % len(self)]
+                if sample["id"] not in {bad.sample_id for bad in self.report.skipped}:
+                    self.report.skipped.append(BadSample(sample["id"], f"unreadable image: {err}"))
+                    logger.warning("%s: skipping sample %r: %s", self.path, sample["id"], err)
+                return None
         try:
             tokens = preprocess(self.version, sample["turns"], self.tokenizer, image is not None, self.model_max_length)
         except ValueError as err:
