@@ -44,7 +44,7 @@ def register(subparsers) -> None:
 def run_train(args) -> int:
     import logging
 
-    from mobilevlm.train.train import run_training
+    from mobilevlm.train.train import train_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = [f for f in args.flags if f != "--"]
@@ -52,7 +52,7 @@ def run_train(args) -> int:
         from mobilevlm.train.arguments import parse_arguments
 
         parse_arguments(["--help"])
-    out = run_training(flags)
+    out = train_command(flags)
     print(out)
     return 0
 

@@ -97,5 +97,18 @@ def run_training(args=None, callbacks=None) -> str:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_training(argv)
+    train_command(argv)
     return 0
+
+
+def train_command(argv) -> str:
+    """`run_training` for a process of its own (a launcher's rank, or the CLI): the process group goes down after."""
+    try:
+        return run_training(argv)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # Without this, a gloo rank can abort at interpreter exit ("terminate called without an active
+            # exception") after the work is done, and the launcher reports the whole run as failed.
+            dist.destroy_process_group()
