@@ -48,12 +48,14 @@ class Item:
 
 
 def open_image(source: Path | bytes, name: str, convert_rgb: bool):
+    """As the original opens benchmark images: no EXIF rotation, RGB only where it converted (unlike load_image)."""
     from PIL import Image
+
+    from mobilevlm.processing import check_image_size
 
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+        check_image_size(image.width, image.height, MAX_IMAGE_PIXELS, name)
         image.load()
     except FileNotFoundError:
         raise ImageError(f"{name}: image file not found") from None

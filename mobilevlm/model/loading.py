@@ -95,12 +95,7 @@ def load_model(model_dir: Path, config: MobileVLMConfig, dtype: torch.dtype, dev
         kwargs["device_map"] = device_map
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    try:
-        model, info = MobileLlamaForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except RuntimeError as err:
-        if "size mismatch" in str(err) or "shape" in str(err):
-            raise CheckpointError(f"{model_dir}: weights do not fit config.json: {err}") from None
-        raise
+    model, info = MobileLlamaForCausalLM.from_pretrained(str(model_dir), **kwargs)
     problems = []
     if info.get("missing_keys"):
         problems.append(f"missing weights: {', '.join(sorted(info['missing_keys']))}")
