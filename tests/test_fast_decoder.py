@@ -108,3 +108,10 @@ def test_quantized_transformers_path_and_lean_path_agree(checkpoints, mode):
     prompt = reference.build_prompt("What is in the image?")
     expected = _ids(reference, prompt, images, 12)
     assert _ids(fast, prompt, images, 12) == expected
+
+
+def test_int_weights_on_a_gpu_are_refused_before_loading(checkpoints):
+    from mobilevlm.errors import MobileVLMError
+
+    with pytest.raises(MobileVLMError, match="CPU only"):
+        FastPipeline.from_pretrained(checkpoints["tiny_llama"], device="cuda", quantize="int4")

@@ -75,7 +75,7 @@ class _Layer:
 
 
 class LeanDecoder:
-    """Greedy/sampled decoding for one sequence at a time (`prefill` then `step`)."""
+    """Greedy/sampled decoding for one sequence at a time (`prefill` then `step`), on the model's device."""
 
     def __init__(self, model, max_len: int | None = None):
         config = model.config
@@ -88,15 +88,15 @@ class LeanDecoder:
         self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.gqa = self.heads != self.kv_heads
         self.max_len = max_len or config.context_length
-        self.dtype = self.norm.weight.dtype
+        self.dtype, self.device = self.norm.weight.dtype, self.norm.weight.device
         with torch.inference_mode():
-            positions = torch.arange(self.max_len)[None]
-            cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype), positions)
+            positions = torch.arange(self.max_len, device=self.device)[None]
+            cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         # torch.empty leaves untouched pages unmapped: RSS grows only with the positions actually written.
         shape = (len(self.layers), self.kv_heads, self.max_len, self.head_dim)
-        self.k_cache = torch.empty(shape, dtype=self.dtype)
-        self.v_cache = torch.empty(shape, dtype=self.dtype)
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.length = 0
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -145,8 +145,9 @@ class LeanDecoder:
     @torch.inference_mode()
     def embed_prompt(self, input_ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
         """Token ids (with -200 image placeholders) + pixel values -> input embeddings [T, H]."""
-        ids = torch.tensor([input_ids])
+        ids = torch.tensor([input_ids], device=self.device)
         if images is None:
             return self.embed(ids)[0]
-        embeds, _, _, _ = self.model.prepare_inputs_labels_for_multimodal(ids, None, None, images)
+        embeds, _, _, _ = self.model.prepare_inputs_labels_for_multimodal(
+            ids, None, None, images.to(self.device, self.model.dtype))
         return embeds[0]

@@ -35,27 +35,30 @@ class FastPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, model_path, device: str = "cpu", dtype="bfloat16", quantize: str | None = None,
                         group_size: int | None = None, conv_mode: str = "v1") -> "FastPipeline":
-        """A checkpoint directory (full precision, or written by `mobilevlm quantize`) on the CPU.
+        """A checkpoint directory (full precision, or written by `mobilevlm quantize`).
 
         `quantize` ("int8" / "int4") quantizes a full-precision checkpoint while loading; `dtype` is the
         compute dtype of everything else (bf16 by default: 2-4x faster than fp32 on CPUs with AVX512-BF16).
+        The int8 / int4 kernels are CPU kernels; on a GPU the lean decoder runs in full precision.
         """
         from mobilevlm.errors import MobileVLMError
         from mobilevlm.fast.checkpoint import is_quantized_checkpoint, load_quantized
         from mobilevlm.fast.quantize import DEFAULT_GROUP_SIZE, quantize_model
         from mobilevlm.model.loading import load_pretrained_model, resolve_model_dir
 
-        if str(device) != "cpu":
-            raise MobileVLMError(f"FastPipeline runs on the CPU; for {device} use Pipeline")
         model_dir = resolve_model_dir(model_path)
-        if is_quantized_checkpoint(model_dir):
+        quantized = is_quantized_checkpoint(model_dir)
+        if str(device) != "cpu" and (quantize or quantized):
+            raise MobileVLMError(f"int8 / int4 weights run on the CPU only; load {model_dir} with device='cpu', "
+                                 f"or a full-precision checkpoint on {device}")
+        if quantized:
             tokenizer, model, processor, context_len = load_quantized(model_dir)
             stored = model.config.quantization["mode"]
             if quantize and quantize != stored:
                 raise MobileVLMError(f"{model_dir} is already quantized to {stored}; it cannot be loaded as {quantize}")
         else:
             tokenizer, model, processor, context_len = load_pretrained_model(
-                model_dir, device="cpu", dtype=torch.bfloat16 if quantize else dtype)
+                model_dir, device=device, dtype=torch.bfloat16 if quantize else dtype)
             if quantize:
                 quantize_model(model, quantize, group_size or DEFAULT_GROUP_SIZE)
         return cls(tokenizer, model, processor, context_len, conv_mode)

@@ -1,14 +1,19 @@
-"""CPU speed of MobileVLM V2 (random weights, official shapes): transformers fp32/bf16, this project's fast
-path (bf16, int8, int4) and llama.cpp (Q8_0, Q4_0 GGUFs written by `mobilevlm export gguf`), side by side.
+"""Inference speed of MobileVLM V2 (random weights, official shapes), side by side.
 
-    python benchmarks/cpu_speed.py --models 1.7b,3b --reps 3 --workdir bench-work
+On the CPU (default): transformers fp32/bf16, this project's fast path (bf16, int8, int4) and llama.cpp (Q8_0,
+Q4_0 GGUFs written by `mobilevlm export gguf`). On a GPU (`--device cuda`): transformers and the lean decoder in
+fp16 and bf16 (the int8 / int4 kernels are CPU kernels; llama.cpp here is a CPU build).
+
+    python benchmarks/speed.py --models 1.7b,3b --reps 3 --workdir bench-work
+    python benchmarks/speed.py --device cuda --models 1.7b,3b --workdir bench-work
 
 Every configuration runs in its own process (peak RSS is that process's, load included), on one image and a
 200-position prompt (56 text tokens + 144 image tokens for the V2 projector; llama.cpp gets 200 text tokens:
 the same prefill work), then greedy decoding. Times are medians over the repetitions after one warm-up.
 TTFT = vision encode (CLIP + projector) + prefill + first token. Quality columns compare each
-configuration's logits (teacher-forced on the same input) and greedy tokens with the fp32 model. This is a
-script, not a test: it writes ~10 GB of random checkpoints per model size into --workdir.
+configuration's logits (teacher-forced on the same input) and greedy tokens with the fp32 model on the same device.
+On a GPU, peak memory is also torch's peak GPU allocation. This is a script, not a test: it writes ~10 GB of random
+checkpoints per model size into --workdir (a GPU run writes only the bf16 one).
 """
 from __future__ import annotations
 
@@ -25,8 +30,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # robust 2-thread timings while other processes run
 
-PRESETS = {"1.7b": "mobilevlm_v2_1.7b", "3b": "mobilevlm_v2_3b"}
-CONFIGS = ("hf-fp32", "hf-bf16", "fast-bf16", "fast-int8", "fast-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")
+# "tiny" checks the script itself in seconds (its numbers mean nothing)
+PRESETS = {"1.7b": "mobilevlm_v2_1.7b", "3b": "mobilevlm_v2_3b", "tiny": "tiny_v2"}
+CONFIGS = {"cpu": ("hf-fp32", "hf-bf16", "fast-bf16", "fast-int8", "fast-int4", "llama.cpp-q8_0", "llama.cpp-q4_0"),
+           "cuda": ("hf-fp16", "hf-bf16", "fast-fp16", "fast-bf16")}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SAME_BITS = {"fast-int8": "llama.cpp-q8_0", "fast-int4": "llama.cpp-q4_0"}
 PROMPT_TEXT_TOKENS = 56
 QUALITY_TOKENS = 16
@@ -69,7 +77,8 @@ def _write_tokenizer(model_dir: Path, vocab: int) -> None:
     (model_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
 
 
-def prepare(size: str, workdir: Path) -> None:
+def prepare(size: str, workdir: Path, device: str, configs: list[str]) -> None:
+    """The bf16 source checkpoint, the fp32 reference outputs, and the quantized / GGUF files `configs` use."""
     import torch
 
     from mobilevlm.cli import main as cli
@@ -86,7 +95,8 @@ def prepare(size: str, workdir: Path) -> None:
     if not (source / "model.safetensors.index.json").is_file() and not (source / "model.safetensors").is_file():
         torch.manual_seed(0)
         config = get_preset(PRESETS[size])
-        model = MobileLlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        with torch.device(device):  # random initialisation of billions of weights is much faster on a GPU
+            model = MobileLlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(source)
         del model
         _write_tokenizer(source, config.vocab_size)
@@ -94,23 +104,25 @@ def prepare(size: str, workdir: Path) -> None:
         (source / "preprocessor_config.json").write_text(json.dumps({
             "crop_size": {"height": size_px, "width": size_px}, "size": {"shortest_edge": size_px},
             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    reference = root / f"reference-{device}.pt"
+    if not reference.is_file():
+        _, model, processor, _ = load_pretrained_model(source, device=device, dtype="float32")
+        ids, _ = _prompt(model.config.num_image_tokens, model.config.vocab_size)
+        pixels = process_images([_image()], processor, "pad").to(device)
+        decoder = LeanDecoder(model, 512)
+        with torch.inference_mode():
+            embeds = decoder.embed_prompt(ids, pixels)
+            logits = model(inputs_embeds=embeds[None]).logits[0].cpu()
+        torch.save({"logits": logits, "greedy": _greedy(decoder, embeds, QUALITY_TOKENS)}, reference)
+        del model, decoder
     for mode in ("int8", "int4"):
-        if not (root / mode / "model.safetensors").is_file():
+        if f"fast-{mode}" in configs and not (root / mode / "model.safetensors").is_file():
             _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
             save_quantized(quantize_model(model, mode), source, root / mode)
             del model
     for outtype in ("q8_0", "q4_0"):
-        if not list((root / f"gguf-{outtype}").glob("*.gguf")):
+        if f"llama.cpp-{outtype}" in configs and not list((root / f"gguf-{outtype}").glob("*.gguf")):
             cli(["export", "gguf", "--model", str(source), "--outdir", str(root / f"gguf-{outtype}"), "--outtype", outtype])
-    if not (root / "reference.pt").is_file():
-        _, model, processor, _ = load_pretrained_model(source, dtype="float32")
-        ids, _ = _prompt(model.config.num_image_tokens, model.config.vocab_size)
-        pixels = process_images([_image()], processor, "pad")
-        decoder = LeanDecoder(model, 512)
-        with torch.inference_mode():
-            embeds = decoder.embed_prompt(ids, pixels)
-            logits = model(inputs_embeds=embeds[None]).logits[0]
-        torch.save({"logits": logits, "greedy": _greedy(decoder, embeds, QUALITY_TOKENS)}, root / "reference.pt")
 
 
 def _greedy(decoder, embeds, n: int) -> list[int]:
@@ -122,7 +134,7 @@ def _greedy(decoder, embeds, n: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-def _torch_runner(name: str, root: Path, threads: int):
+def _torch_runner(name: str, root: Path, threads: int, device: str):
     """(model, vision(), prefill(embeds) -> logits, step(token) -> logits, prompt embeds, lean decoder or None)."""
     import torch
 
@@ -133,7 +145,7 @@ def _torch_runner(name: str, root: Path, threads: int):
 
     family, kind = name.split("-")
     if family == "hf":
-        _, model, processor, _ = load_pretrained_model(root / "bf16", dtype={"fp32": "float32", "bf16": "bfloat16"}[kind])
+        _, model, processor, _ = load_pretrained_model(root / "bf16", device=device, dtype=DTYPES[kind])
         state = {}
 
         def prefill(embeds):
@@ -142,29 +154,36 @@ def _torch_runner(name: str, root: Path, threads: int):
             return out.logits[0, -1].float()
 
         def step(token):
-            out = model(input_ids=torch.tensor([[token]]), cache=state["cache"], use_cache=True)
+            out = model(input_ids=torch.tensor([[token]], device=device), cache=state["cache"], use_cache=True)
             state["cache"] = out.past_key_values
             return out.logits[0, -1].float()
         decoder = None
     else:
-        pipe = FastPipeline.from_pretrained(root / ("bf16" if kind == "bf16" else kind), dtype="bfloat16")
+        quantized = kind.startswith("int")
+        pipe = FastPipeline.from_pretrained(root / (kind if quantized else "bf16"), device=device,
+                                            dtype="bfloat16" if quantized else DTYPES[kind])
         model, processor, decoder = pipe.model, pipe.image_processor, pipe.decoder
         prefill, step = decoder.prefill, decoder.step
-    pixels = process_images([_image()], processor, "pad").to(model.dtype)
+    pixels = process_images([_image()], processor, "pad").to(device, model.dtype)
     ids, _ = _prompt(model.config.num_image_tokens, model.config.vocab_size)
     with torch.inference_mode():
-        embeds = model.prepare_inputs_labels_for_multimodal(torch.tensor([ids]), None, None, pixels)[0][0]
-    return model, lambda: model.encode_images(pixels), prefill, step, embeds, decoder
+        embeds = model.prepare_inputs_labels_for_multimodal(torch.tensor([ids], device=device), None, None, pixels)[0][0]
+
+    def vision():
+        model.encode_images(pixels)
+        if device != "cpu":
+            torch.cuda.synchronize()  # kernels are queued, not done, when the call returns
+    return model, vision, prefill, step, embeds, decoder
 
 
-def _quality(model, decoder, embeds, root: Path) -> dict:
+def _quality(model, decoder, embeds, reference_file: Path) -> dict:
     import torch
 
-    if not (root / "reference.pt").is_file():
+    if not reference_file.is_file():
         return {}
-    reference = torch.load(root / "reference.pt")
+    reference = torch.load(reference_file)
     with torch.inference_mode():
-        logits = model(inputs_embeds=embeds[None].to(model.dtype)).logits[0].float()
+        logits = model(inputs_embeds=embeds[None].to(model.dtype)).logits[0].float().cpu()
     diff = (logits - reference["logits"]).abs()
     result = {"max_logit_diff": diff.max().item(), "mean_logit_diff": diff.mean().item(),
               "top1_agree": (logits.argmax(-1) == reference["logits"].argmax(-1)).float().mean().item()}
@@ -178,7 +197,7 @@ def _quality(model, decoder, embeds, root: Path) -> dict:
 def measure_torch(name: str, root: Path, args) -> dict:
     import torch
 
-    model, vision, prefill, step, embeds, decoder = _torch_runner(name, root, args.threads)
+    model, vision, prefill, step, embeds, decoder = _torch_runner(name, root, args.threads, args.device)
     runs = []
     with torch.inference_mode():
         for rep in range(args.reps + 1):
@@ -193,7 +212,9 @@ def measure_torch(name: str, root: Path, args) -> dict:
             if rep:
                 runs.append((t1 - t0, t2 - t1, (args.new - 1) / (t3 - t2)))
     result = _summary(runs, embeds.shape[0])
-    result.update(_quality(model, decoder, embeds, root) if name != "hf-fp32" else {})
+    if args.device != "cpu":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    result.update(_quality(model, decoder, embeds, root / f"reference-{args.device}.pt") if name != "hf-fp32" else {})
     return result
 
 
@@ -245,7 +266,7 @@ def _summary(runs, prompt_len: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     import torch
 
     cpu = platform.processor() or "?"
@@ -263,38 +284,47 @@ def machine() -> str:
         llama = f"llama-cpp-python {llama_cpp.__version__}"
     except ImportError:
         llama = "llama-cpp-python not installed"
-    return (f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}; "
+    gpu = f"GPU {torch.cuda.get_device_name()}, " if device != "cpu" else ""
+    return (f"{gpu}{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}; "
             f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {llama}")
 
 
 def print_table(size: str, results: dict, args) -> None:
+    where = (f"{args.threads} CPU threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if args.device == "cpu"
+             else f"on {args.device}")
     print(f"\nMobileVLM V2 {size} ({PRESETS[size]}), random weights; 1 image, {PROMPT_TEXT_TOKENS} text + image tokens "
-          f"prefill, {args.new} new tokens, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-          f"median of {args.reps}")
-    head = ("| config | vision s | prefill tok/s | TTFT s | decode tok/s (best) | peak RSS MiB | decode vs llama.cpp | "
-            "TTFT vs llama.cpp | max/mean logit diff vs fp32 | top-1 agree | greedy agree |")
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+          f"prefill, {args.new} new tokens, {where}, median of {args.reps}")
+    # GPU runs have no llama.cpp columns (llama.cpp is a CPU build here) and a peak-GPU-memory column instead
+    gpu = args.device != "cpu"
+    columns = ["config", "vision s", "prefill tok/s", "TTFT s", "decode tok/s (best)", "peak RSS MiB"]
+    columns += ["peak GPU MiB"] if gpu else ["decode vs llama.cpp", "TTFT vs llama.cpp"]
+    columns += ["max/mean logit diff vs fp32", "top-1 agree", "greedy agree"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | error: {r['error']} |")
             continue
-        other = results.get(SAME_BITS.get(name, ""), {})
-        ratio = (f"{r['decode_tok_s'] / other['decode_tok_s']:.2f}x" if "decode_tok_s" in other else "-")
-        ttft = (f"{r['ttft_s'] / other['ttft_s']:.2f}x" if "ttft_s" in other else "-")
-        quality = (f"{r['max_logit_diff']:.3f} / {r['mean_logit_diff']:.4f}" if "max_logit_diff" in r else "-")
-        top1 = f"{r['top1_agree']:.3f}" if "top1_agree" in r else "-"
-        greedy = f"{r['greedy_agree']}/{QUALITY_TOKENS}" if "greedy_agree" in r else "-"
-        print(f"| {name} | {r['vision_s']:.2f} | {r['prefill_tok_s']:.0f} | {r['ttft_s']:.2f} | "
-              f"{r['decode_tok_s']:.1f} ({r['decode_best']:.1f}) | {r['peak_rss_mib']:.0f} | {ratio} | {ttft} | "
-              f"{quality} | {top1} | {greedy} |")
+        cells = [name, f"{r['vision_s']:.3f}", f"{r['prefill_tok_s']:.0f}", f"{r['ttft_s']:.3f}",
+                 f"{r['decode_tok_s']:.1f} ({r['decode_best']:.1f})", f"{r['peak_rss_mib']:.0f}"]
+        if gpu:
+            cells.append(f"{r['peak_gpu_mib']:.0f}")
+        else:
+            other = results.get(SAME_BITS.get(name, ""), {})
+            cells.append(f"{r['decode_tok_s'] / other['decode_tok_s']:.2f}x" if "decode_tok_s" in other else "-")
+            cells.append(f"{r['ttft_s'] / other['ttft_s']:.2f}x" if "ttft_s" in other else "-")
+        cells.append(f"{r['max_logit_diff']:.3f} / {r['mean_logit_diff']:.4f}" if "max_logit_diff" in r else "-")
+        cells.append(f"{r['top1_agree']:.3f}" if "top1_agree" in r else "-")
+        cells.append(f"{r['greedy_agree']}/{QUALITY_TOKENS}" if "greedy_agree" in r else "-")
+        print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="1.7b", help="comma-separated: 1.7b, 3b")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--models", default="1.7b", help="comma-separated: 1.7b, 3b (tiny: a smoke test)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--configs", default=None, help="comma-separated (default: all of the device's)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--new", type=int, default=64, help="new tokens per repetition")
     parser.add_argument("--threads", type=int, default=2)
@@ -306,20 +336,21 @@ def main() -> int:
         size, name = args._child
         root = args.workdir / size
         if name == "prepare":
-            prepare(size, args.workdir)
+            prepare(size, args.workdir, args.device, args.configs.split(","))
             return 0
         result = measure_llamacpp(name, root, args) if name.startswith("llama.cpp") else measure_torch(name, root, args)
         print("RESULT " + json.dumps(result))
         return 0
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(args.device)}")
     print(f"load average at start: {os.getloadavg()}")
     everything = {}
     base = [sys.executable, __file__, "--workdir", str(args.workdir), "--reps", str(args.reps), "--new", str(args.new),
-            "--threads", str(args.threads)]
+            "--threads", str(args.threads), "--device", args.device]
+    configs = args.configs or ",".join(CONFIGS[args.device])
     for size in args.models.split(","):
-        subprocess.run(base + ["--_child", size, "prepare"], check=True)
+        subprocess.run(base + ["--configs", configs, "--_child", size, "prepare"], check=True)
         results = {}
-        for name in args.configs.split(","):
+        for name in configs.split(","):
             done = subprocess.run(base + ["--_child", size, name], capture_output=True, text=True)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             results[name] = json.loads(line[7:]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
@@ -327,7 +358,7 @@ def main() -> int:
         everything[size] = results
         print_table(size, results, args)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": everything}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(args.device), "results": everything}, indent=2))
     return 0
 
 
