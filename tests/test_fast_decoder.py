@@ -33,9 +33,11 @@ def test_greedy_tokens_equal_transformers_path(checkpoints, preset, dtype):
         assert _ids(fast, prompt, images) == expected
 
 
-def test_prefill_and_steps_match_full_forward():
+@pytest.mark.parametrize("fixed_shape", [False, True], ids=["sliced", "fixed-shape"])
+def test_prefill_and_steps_match_full_forward(fixed_shape):
+    # fixed-shape is the step a CUDA graph replays; on the CPU it runs eagerly and must compute the same
     model = make_tiny_model("tiny_llama", seed=2)
-    decoder = LeanDecoder(model, max_len=64)
+    decoder = LeanDecoder(model, max_len=64, cuda_graph=fixed_shape)
     ids = list(range(3, 40))
     with torch.inference_mode():
         full = model(input_ids=torch.tensor([ids])).logits[0]

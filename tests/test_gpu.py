@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mobilevlm.fast.decoder import LeanDecoder
 from mobilevlm.fast.pipeline import FastPipeline
 from mobilevlm.generation import GenerationSettings, Pipeline
 from mobilevlm.testing import make_tiny_checkpoint
@@ -48,3 +49,18 @@ def test_lean_decoder_on_gpu_gives_the_transformers_greedy_tokens(checkpoint, dt
     fast = FastPipeline.from_pretrained(checkpoint, device="cuda", dtype=dtype)
     assert fast.decoder.k_cache.device.type == "cuda"
     assert _ids(fast) == _ids(reference)
+
+
+def test_cuda_graph_steps_equal_eager_steps(checkpoint):
+    fast = FastPipeline.from_pretrained(checkpoint, device="cuda", dtype="float32")
+    assert fast.decoder.cuda_graph
+    eager = LeanDecoder(fast.model, fast.decoder.max_len, cuda_graph=False)
+    embeds = fast.decoder.embed_prompt(list(range(3, 40)), None)
+    for decoder in (fast.decoder, eager):  # two sequences: the graph outlives a new prefill
+        decoder.prefill(embeds[:5])
+        decoder.step(7)
+    graphed, plain = fast.decoder.prefill(embeds), eager.prefill(embeds)
+    for token in range(50, 70):
+        torch.testing.assert_close(graphed, plain, atol=1e-4, rtol=1e-4)
+        graphed, plain = fast.decoder.step(token), eager.step(token)
+    assert fast.decoder._graph is not None

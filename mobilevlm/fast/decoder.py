@@ -75,9 +75,14 @@ class _Layer:
 
 
 class LeanDecoder:
-    """Greedy/sampled decoding for one sequence at a time (`prefill` then `step`), on the model's device."""
+    """Greedy/sampled decoding for one sequence at a time (`prefill` then `step`), on the model's device.
 
-    def __init__(self, model, max_len: int | None = None):
+    On a GPU a decode step is a few hundred tiny kernels, so its time is the host's launch time, not the
+    GPU's: there the step runs in a fixed-shape form (token and position held in tensors, attention over the
+    whole cache under a mask) that is captured once as a CUDA graph and replayed (`cuda_graph`, default on CUDA).
+    """
+
+    def __init__(self, model, max_len: int | None = None, cuda_graph: bool | None = None):
         config = model.config
         self.model = model
         inner = model.get_model()
@@ -89,20 +94,45 @@ class LeanDecoder:
         self.gqa = self.heads != self.kv_heads
         self.max_len = max_len or config.context_length
         self.dtype, self.device = self.norm.weight.dtype, self.norm.weight.device
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         with torch.inference_mode():
-            positions = torch.arange(self.max_len, device=self.device)[None]
-            cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+            self.positions = torch.arange(self.max_len, device=self.device)
+            cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), self.positions[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
-        # torch.empty leaves untouched pages unmapped: RSS grows only with the positions actually written.
         shape = (len(self.layers), self.kv_heads, self.max_len, self.head_dim)
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # torch.empty leaves untouched pages unmapped: RSS grows only with the positions actually written. The
+        # fixed-shape step reads the whole cache (masked), and masked garbage can still be NaN, so it needs zeros.
+        allocate = torch.zeros if self.cuda_graph else torch.empty
+        self.k_cache = allocate(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = allocate(shape, dtype=self.dtype, device=self.device)
         self.length = 0
+        self._token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._graph = self._graph_logits = None
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+    def _layers(self, hidden, cos, sin, store, attend) -> torch.Tensor:
+        """The decoder layers over hidden [T, H]; `store(cache, new)` writes a layer's keys or values into
+        its cache, `attend(q, k_cache, v_cache)` is the attention over it."""
+        steps = hidden.shape[0]
+        for index, layer in enumerate(self.layers):
+            x = layer.input_norm(hidden)
+            q, k, v = layer.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = self._rope(q.view(steps, self.heads, self.head_dim).transpose(0, 1), cos, sin)
+            k = self._rope(k.view(steps, self.kv_heads, self.head_dim).transpose(0, 1), cos, sin)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            store(k_cache, k)
+            store(v_cache, v.view(steps, self.kv_heads, self.head_dim).transpose(0, 1))
+            attn = attend(q, k_cache, v_cache)
+            hidden = hidden + layer.o_proj(attn.transpose(0, 1).reshape(steps, self.q_size))
+            x = layer.post_norm(hidden)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            hidden = hidden + layer.down(layer.act(gate) * up)
+        return hidden
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] at positions length..length+T-1 -> last position's final hidden state [H]."""
@@ -110,25 +140,51 @@ class LeanDecoder:
         start, end = self.length, self.length + steps
         if end > self.max_len:
             raise PromptError(f"the sequence reached {end} tokens; the model's context is {self.max_len}")
-        cos, sin = self.cos[start:end], self.sin[start:end]
-        for index, layer in enumerate(self.layers):
-            x = layer.input_norm(hidden)
-            q, k, v = layer.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = self._rope(q.view(steps, self.heads, self.head_dim).transpose(0, 1), cos, sin)
-            k = self._rope(k.view(steps, self.kv_heads, self.head_dim).transpose(0, 1), cos, sin)
-            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[:, start:end] = k
-            v_cache[:, start:end] = v.view(steps, self.kv_heads, self.head_dim).transpose(0, 1)
-            # Prefill starts from an empty cache, so causal masking of the new block is the whole mask;
-            # a single decode step attends to everything before it.
-            attn = F.scaled_dot_product_attention(q, k_cache[:, :end], v_cache[:, :end],
-                                                  is_causal=steps > 1, enable_gqa=self.gqa)
-            hidden = hidden + layer.o_proj(attn.transpose(0, 1).reshape(steps, self.q_size))
-            x = layer.post_norm(hidden)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            hidden = hidden + layer.down(layer.act(gate) * up)
+
+        def store(cache, new):
+            cache[:, start:end] = new
+
+        # Prefill starts from an empty cache, so causal masking of the new block is the whole mask;
+        # a single decode step attends to everything before it.
+        def attend(q, k_cache, v_cache):
+            return F.scaled_dot_product_attention(q, k_cache[:, :end], v_cache[:, :end], is_causal=steps > 1,
+                                                  enable_gqa=self.gqa)
+
+        hidden = self._layers(hidden, self.cos[start:end], self.sin[start:end], store, attend)
         self.length = end
         return self.norm(hidden[-1])
+
+    def _fixed_shape_step(self) -> torch.Tensor:
+        """One decode step of `self._token` at `self._position` with no shape or Python value depending on
+        either, so a CUDA graph of it stays valid for every position."""
+        position = self._position
+        visible = (self.positions <= position)[None, None]  # [1, 1, max_len]
+
+        def store(cache, new):
+            cache.index_copy_(1, position, new)
+
+        def attend(q, k_cache, v_cache):
+            return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, enable_gqa=self.gqa)
+
+        hidden = self._layers(self.embed(self._token), self.cos.index_select(0, position),
+                              self.sin.index_select(0, position), store, attend)
+        return self.lm_head(self.norm(hidden[-1])).float()
+
+    def _replay(self) -> torch.Tensor:
+        if self._graph is None:
+            # warm-up runs on a side stream before capture (as torch.cuda.graphs asks); they compute the very
+            # step about to be replayed, so their cache writes are the ones the replay makes again
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._fixed_shape_step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_logits = self._fixed_shape_step()
+        self._graph.replay()
+        return self._graph_logits.clone()
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -139,8 +195,15 @@ class LeanDecoder:
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Appends one token; returns the logits for the next one."""
-        hidden = self.embed.weight[token][None]
-        return self.lm_head(self._forward(hidden)).float()
+        if not self.cuda_graph:
+            return self.lm_head(self._forward(self.embed.weight[token][None])).float()
+        if self.length >= self.max_len:
+            raise PromptError(f"the sequence reached {self.length + 1} tokens; the model's context is {self.max_len}")
+        self._token.fill_(token)
+        self._position.fill_(self.length)
+        logits = self._replay() if self.device.type == "cuda" else self._fixed_shape_step()
+        self.length += 1
+        return logits
 
     @torch.inference_mode()
     def embed_prompt(self, input_ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
