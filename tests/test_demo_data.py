@@ -184,3 +184,65 @@ def test_captions_name_every_object():
             assert f"{obj.size} {obj.color} {obj.shape}" in text
         for word in scene.words:
             assert f'"{word.text}" in {word.color}' in text
+
+
+def _turn_pairs(sample):
+    turns = sample["conversations"]
+    return [(turns[i]["value"].removeprefix("<image>\n"), turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
+
+
+def test_instruction_answers_are_balanced_so_priors_do_not_pay():
+    scenes = T.training_scenes(0, 400)
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(400)], 0, B.popularity_order(scenes))
+    answers = [a for s in samples for q, a in _turn_pairs(s) if Q.SHORT_SUFFIX in q and a in ("yes", "no")]
+    assert len(answers) > 200 and abs(answers.count("yes") / len(answers) - 0.5) < 0.05
+    by_options: dict[int, list[str]] = {}
+    for sample in samples:
+        for question, letter in _turn_pairs(sample):
+            if Q.LETTER_SUFFIX in question:
+                by_options.setdefault(sum(line[1:3] == ". " for line in question.split("\n")), []).append(letter)
+    for n, letters in by_options.items():
+        assert len(letters) > 30 and max(letters.count(x) for x in Q.LETTERS[:n]) / len(letters) < 1 / n + 0.15, (n, letters)
+    for sample in samples:  # a repeated question could be answered from the conversation, not the image
+        questions = [q for q, _ in _turn_pairs(sample)]
+        assert len(questions) == len(set(questions)), sample["id"]
+
+
+def test_existence_pairs_ask_a_present_and_an_absent_object_of_the_same_image():
+    scenes = [s for s in T.training_scenes(1, 300) if s.objects]
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(len(scenes))], 1, [], mix=T.Mix(
+        short=0, exists=1, yes_no=0, choice=0, ocr=0, caption=0, max_groups=1))
+    for scene, sample in zip(scenes, (s for s in samples if "image" in s)):
+        (q1, a1), (q2, a2) = _turn_pairs(sample)
+        assert {a1, a2} == {"yes", "no"}
+        for question, answer in ((q1, a1), (q2, a2)):
+            name = question.split("Is there a ")[1].split(" in the image")[0]
+            assert (name in {o.name for o in scene.objects}) == (answer == "yes"), (question, answer)
+
+
+def test_multiple_choice_turns_rotate_the_options_and_move_the_letter():
+    scenes = T.training_scenes(2, 200)
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(200)], 2, [], mix=T.Mix(
+        short=0, exists=0, yes_no=0, choice=1, ocr=0, caption=0, max_groups=1))
+    for sample in (s for s in samples if "image" in s):
+        chosen = []
+        for question, letter in _turn_pairs(sample):
+            options = {line[0]: line[3:] for line in question.split("\n") if line[1:3] == ". "}
+            chosen.append(options[letter])
+        assert len(chosen) == 2 and chosen[0] == chosen[1]  # the same answer under another letter
+
+
+def test_reading_samples_answer_from_the_text_alone():
+    scenes = T.training_scenes(0, 300)
+    for sample in T.reading_samples(scenes, 0, 200):
+        assert "image" not in sample
+        first = sample["conversations"][0]["value"]
+        for question, answer in _turn_pairs(sample):
+            if "Reference OCR token: " in question:
+                tokens = question.split("Reference OCR token: ")[1].split("\n")[0].split(", ")
+                assert answer == tokens[0 if "at the top" in question else 1]
+            elif Q.LETTER_SUFFIX in question:
+                options = {line[0]: line[3:] for line in question.split("\n") if line[1:3] == ". "}
+                assert options[answer] in first
+            else:
+                assert first.startswith("Context: ")

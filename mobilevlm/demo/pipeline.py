@@ -26,8 +26,12 @@ class DemoSettings:
     finetune_samples: int = 5000
     eval_sizes: dict = field(default_factory=lambda: dict(benchmarks.FULL_SIZES))
     vocab_size: int = 1000
+    # Text-only reading-comprehension conversations (trainsets.reading_samples): the language model's
+    # pre-training gets them all, stage II a share so that the skills survive instruction tuning.
+    reading_samples: int = 4000
+    reading_in_finetune: int = 300
     clip_steps: int = 100
-    llm_steps: int = 200
+    llm_steps: int = 300
     # Tiny models learn from the number of updates more than from the batch: small batches, two epochs.
     pretrain_epochs: float = 2.0
     finetune_epochs: float = 2.0
@@ -35,13 +39,16 @@ class DemoSettings:
     pretrain_projector_lr: float = 3e-3
     finetune_lr: float = 2e-3
     batch_size: int = 8
+    word_fraction: float = 0.25
+    mix: trainsets.Mix = trainsets.Mix()
     tower: bases.TowerSize = bases.TowerSize()
     llm: bases.LlmSize = bases.LlmSize()
 
 
 FULL = DemoSettings()
 FAST = replace(FULL, train_images=3000, pretrain_samples=1000, finetune_samples=3000,
-               eval_sizes=dict(benchmarks.FAST_SIZES), clip_steps=60, llm_steps=100)
+               eval_sizes=dict(benchmarks.FAST_SIZES), reading_samples=2000, reading_in_finetune=150, clip_steps=60,
+               llm_steps=150)
 PROJECTORS = {"ldpnetv2": "tiny_v2", "ldpnet": "tiny_v1"}
 
 
@@ -80,22 +87,25 @@ def _progress_callback(log: Log):
 
 def prepare_data(out: Path, seed: int, settings: DemoSettings) -> dict:
     """Images, stage-I / stage-II JSON and the benchmark_data tree; evaluation scenes never occur in training."""
-    scenes = trainsets.training_scenes(seed, settings.train_images)
+    scenes = trainsets.training_scenes(seed, settings.train_images, settings.word_fraction)
     names = trainsets.save_images(scenes, out / "data" / "images")
     popularity = benchmarks.popularity_order(scenes)
     captions = trainsets.caption_samples(scenes[: settings.pretrain_samples], names, seed)
     rng = random.Random(f"{seed}:finetune-order")
     order = rng.sample(range(len(scenes)), min(settings.finetune_samples, len(scenes)))
-    instructions = trainsets.instruction_samples([scenes[i] for i in order], [names[i] for i in order], seed, popularity)
+    instructions = trainsets.instruction_samples([scenes[i] for i in order], [names[i] for i in order], seed, popularity,
+                                                  mix=settings.mix)
+    reading = trainsets.reading_samples(scenes, seed, settings.reading_samples)
+    finetune = instructions + reading[: settings.reading_in_finetune]
     benchmarks.write_benchmark_data(out / "benchmark_data", seed, settings.eval_sizes, scenes)
     return {
         "scenes": scenes,
         "pretrain_json": trainsets.write_json(out / "data" / "pretrain.json", captions),
-        "finetune_json": trainsets.write_json(out / "data" / "finetune.json", instructions),
+        "finetune_json": trainsets.write_json(out / "data" / "finetune.json", finetune),
         "images": out / "data" / "images",
         "benchmark_data": out / "benchmark_data",
-        "corpus": trainsets.corpus_lines(captions + instructions),
-        "chats": bases.chat_texts(instructions),
+        "corpus": trainsets.corpus_lines(captions + instructions + reading),
+        "chats": bases.chat_texts(instructions + reading),
     }
 
 
