@@ -53,13 +53,14 @@ def test_prefill_and_steps_match_full_forward(fixed_shape):
 def test_fusion_keeps_model_weights_shared_and_unchanged():
     from mobilevlm.fast.quantize import quantize_model
 
-    model = quantize_model(make_tiny_model("tiny_llama", seed=2), "int8")
+    model = quantize_model(make_tiny_model("tiny_llama", seed=2), "int4", group_size=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     decoder = LeanDecoder(model, max_len=16)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    fused = decoder.layers[0].qkv.qweight
-    assert model.model.layers[0].self_attn.k_proj.qweight.data_ptr() == fused[64:].data_ptr()
+    fused = decoder.layers[0].qkv._packed
+    q_rows = model.model.layers[0].self_attn.q_proj._packed.shape[0]
+    assert model.model.layers[0].self_attn.k_proj._packed.data_ptr() == fused[q_rows:].data_ptr()
 
 
 def test_context_overflow_is_a_clear_error():

@@ -22,9 +22,30 @@ def test_int8_linear_matches_float(rows):
     q = Int8Linear.from_linear(linear)
     x = torch.randn(rows, 256)
     assert _rel(q(x), linear(x)) < 0.02
-    # the kernel computes exactly the dequantized matmul (up to bf16 rounding)
+    # the kernel computes the dequantized matmul, up to the rounding of the activations to int8
     assert _rel(q(x), x @ q.dequantize().float().T + linear.bias) < 0.01
     assert q(x).dtype == torch.float32
+
+
+def test_int8_activations_get_one_scale_per_token():
+    # an outlier token (as LLMs have at BOS) must not take the precision of the other tokens in the same call
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 192, bias=False)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(6, 256)
+    x[0] *= 1000
+    exact = x @ q.dequantize().float().T
+    for row in range(1, 6):
+        assert _rel(q(x)[row], exact[row]) < 0.01
+
+
+def test_int8_packed_weight_unpacks_to_the_quantized_values():
+    torch.manual_seed(2)
+    q = Int8Linear.from_linear(nn.Linear(128, 64, bias=True))
+    values = q.qweight.clone()
+    q.pack()
+    assert torch.equal(q.state_dict()["qweight"], values)
+    assert set(q.state_dict()) == {"qweight", "scales", "bias"}
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -64,11 +85,14 @@ def test_quantized_model_logits_close_to_fp32():
     assert reports["int8"]["top1_agreement"] >= 0.9 and reports["int4"]["top1_agreement"] >= 0.6, reports
 
 
-def test_vision_stays_unquantized_by_default_and_can_be_included():
-    model = quantize_model(make_tiny_model("tiny_v2"), "int8")
-    assert any(type(m) is nn.Linear for m in model.get_model().vision_tower.modules())
-    model = quantize_model(make_tiny_model("tiny_v2"), "int8", include_vision=True)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_vision_is_int8_by_default_and_can_stay_bf16(mode):
+    model = quantize_model(make_tiny_model("tiny_v2"), mode, group_size=32)
     assert not any(type(m) is nn.Linear for m in model.modules())
+    vision = list(model.get_model().vision_tower.modules()) + list(model.get_model().mm_projector.modules())
+    assert {type(m) for m in vision if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))} == {Int8Linear}
+    kept = quantize_model(make_tiny_model("tiny_v2"), mode, group_size=32, include_vision=False)
+    assert any(type(m) is nn.Linear for m in kept.get_model().vision_tower.modules())
 
 
 def test_bad_mode_and_group_size_are_clear_errors():

@@ -4,6 +4,7 @@ the model skeleton on the meta device and assigns the stored tensors, so loading
 copy (peak memory ~ the quantized size)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from mobilevlm.errors import CheckpointError
-from mobilevlm.fast.quantize import QUANTIZED_CLASSES, Int4Linear, quantizable_linears, to_bfloat16
+from mobilevlm.fast.quantize import (QUANTIZED_CLASSES, Int4Linear, Int8Linear, quantizable_linears, quantized_class,
+                                     to_bfloat16)
 
 WEIGHTS = "model.safetensors"
 # Non-weight files of a checkpoint directory that a quantized copy needs unchanged.
@@ -61,13 +63,12 @@ def _empty_quantized_model(config):
     mode = quantization.get("mode")
     if mode not in QUANTIZED_CLASSES:
         raise CheckpointError(f"config.json: quantization.mode {mode!r} is not one of {', '.join(QUANTIZED_CLASSES)}")
-    kind = QUANTIZED_CLASSES[mode]
     with torch.device("meta"):
         model = MobileLlamaForCausalLM(config)
     to_bfloat16(model)
-    for parent, attr, _, linear in list(quantizable_linears(model, quantization.get("include_vision", False))):
-        setattr(parent, attr, kind.empty(linear.out_features, linear.in_features, linear.bias is not None,
-                                         quantization.get("group_size") or 0))
+    for parent, attr, name, linear in list(quantizable_linears(model, quantization.get("include_vision", False))):
+        setattr(parent, attr, quantized_class(mode, name).empty(linear.out_features, linear.in_features,
+                                                                linear.bias is not None, quantization.get("group_size") or 0))
     return model
 
 
@@ -123,7 +124,7 @@ def _assign_from_file(model: nn.Module, path: Path) -> None:
                     expected = torch.empty(module.out_features, module.in_features // 2, dtype=torch.uint8, device="meta")
                     _check_shape(key, expected, tensor)
                     module._portable, module._packed = tensor, None
-        if isinstance(module, Int4Linear) and prefix + "qweight" in consumed:
+        if isinstance(module, (Int4Linear, Int8Linear)) and prefix + "qweight" in consumed:
             module.pack()
     if missing:
         raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:6])}"
@@ -137,6 +138,15 @@ def _check_shape(key: str, expected: torch.Tensor, tensor: torch.Tensor) -> None
     if tuple(expected.shape) != tuple(tensor.shape) or expected.dtype != tensor.dtype:
         raise CheckpointError(f"{key}: expected {expected.dtype} {tuple(expected.shape)}, "
                               f"found {tensor.dtype} {tuple(tensor.shape)} (does the file fit config.json?)")
+
+
+def release_freed_memory() -> None:
+    """Hands the heap that loading freed back to the OS. glibc keeps freed blocks for reuse, and packing
+    layer by layer leaves ~0.3 GB of them at 1.7B: resident, counted in RSS, never used again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def load_quantized(model_dir):
@@ -159,6 +169,7 @@ def load_quantized(model_dir):
     if leftover:
         raise CheckpointError(f"{model_dir / WEIGHTS}: no values for {', '.join(leftover[:6])}")
     model.requires_grad_(False)
+    release_freed_memory()
     image_processor = None
     if config.is_multimodal:
         image_processor = build_image_processor(config.vision_config().image_size, model_dir, config.mm_vision_tower)

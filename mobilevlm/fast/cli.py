@@ -10,8 +10,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output directory (load it with --model like any checkpoint)")
     parser.add_argument("--mode", required=True, choices=("int8", "int4"))
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (input channels per scale)")
-    parser.add_argument("--include-vision", action="store_true",
-                        help="also quantize the CLIP tower and projector linears (slower on CPU; smaller)")
+    parser.add_argument("--vision-bf16", action="store_true",
+                        help="keep the CLIP tower and projector in bf16 (default: int8, which is smaller and faster)")
     parser.add_argument("--report", action="store_true",
                         help="print logit differences and greedy agreement against full precision")
     parser.set_defaults(func=run_quantize)
@@ -31,7 +31,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         import copy
 
         reference, model = model, copy.deepcopy(model)
-    quantize_model(model, args.mode, args.group_size, include_vision=args.include_vision)
+    quantize_model(model, args.mode, args.group_size, include_vision=not args.vision_bf16)
     out = save_quantized(model, args.model, args.out)
     print(f"wrote {args.mode} checkpoint to {out}")
     if reference is not None:
