@@ -46,7 +46,8 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-FAST = replace(FULL, train_images=3000, pretrain_samples=1000, finetune_samples=3000,
+# Stage I steps are cheap (short captions) and ground the image features: --fast keeps the full demo's 500.
+FAST = replace(FULL, train_images=3000, pretrain_samples=1000, pretrain_epochs=4.0, finetune_samples=3000,
                eval_sizes=dict(benchmarks.FAST_SIZES), reading_samples=2000, reading_in_finetune=150, clip_steps=60,
                llm_steps=150)
 PROJECTORS = {"ldpnetv2": "tiny_v2", "ldpnet": "tiny_v1"}
