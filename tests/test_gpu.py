@@ -64,3 +64,16 @@ def test_cuda_graph_steps_equal_eager_steps(checkpoint):
         torch.testing.assert_close(graphed, plain, atol=1e-4, rtol=1e-4)
         graphed, plain = fast.decoder.step(token), eager.step(token)
     assert fast.decoder._graph is not None
+
+
+def test_generate_command_on_gpu_streams_the_lean_decoders_answer(checkpoint, tmp_path, capsys):
+    # `mobilevlm generate --device cuda` runs FastPipeline; its streaming runs generation in a second thread, where
+    # the CUDA graph is captured
+    from mobilevlm.cli import main
+
+    IMAGE.save(tmp_path / "red.png")
+    reference = Pipeline.from_pretrained(checkpoint, device="cuda")  # fp16, the GPU default
+    expected = reference.generate(reference.build_prompt(QUESTION, num_images=1), [IMAGE], max_new_tokens=16)
+    assert main(["generate", "--model", str(checkpoint), "--image", str(tmp_path / "red.png"), "--prompt", QUESTION,
+                 "--device", "cuda", "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
