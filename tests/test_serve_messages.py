@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import socket
+import threading
+import urllib.request
 
 import pytest
 from PIL import Image
 
 from mobilevlm.conversation import VICUNA_V1_SYSTEM, get_conv_template
 from mobilevlm.serve.apierror import ApiError
-from mobilevlm.serve.images import decode_data_url, fetch_image
+from mobilevlm.serve import images
+from mobilevlm.serve.images import check_remote_host, decode_data_url, fetch_image
 from mobilevlm.serve.messages import render_messages
 from mobilevlm.serve.schema import ChatRequest, parse_chat_request
 
@@ -104,3 +109,72 @@ def test_data_urls():
     with pytest.raises(ApiError, match="exceeds the limit of 5"):
         fetch_image(f"data:image/png;base64,{encoded}", "messages.0.content.0.image_url", max_bytes=10_000,
                     max_pixels=5, allow_remote=False)
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    table = {"public.test": ["93.184.216.34"], "metadata.test": ["169.254.169.254"],
+             "mixed.test": ["93.184.216.34", "10.1.2.3"], "v6local.test": ["::1"]}
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in table:
+            raise socket.gaierror("unknown host")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in table[host]]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_remote_hosts_must_resolve_to_public_addresses_only(fake_dns):
+    check_remote_host("http://public.test/cat.png", "m", allow_private=False)
+    for host in ("metadata.test", "mixed.test", "v6local.test"):
+        with pytest.raises(ApiError, match="non-public address") as caught:
+            check_remote_host(f"https://{host}/x.png", "messages[0]", allow_private=False)
+        assert caught.value.status == 400
+        check_remote_host(f"https://{host}/x.png", "m", allow_private=True)
+    with pytest.raises(ApiError, match="cannot resolve"):
+        check_remote_host("http://nowhere.test/x.png", "m", allow_private=False)
+    with pytest.raises(ApiError, match="not an http"):
+        check_remote_host("ftp://public.test/x.png", "m", allow_private=False)
+
+
+def test_a_redirect_to_a_private_address_is_refused(fake_dns):
+    handler = images._CheckedRedirects("messages[0]", allow_private=False)
+    request = urllib.request.Request("http://public.test/cat.png")
+    with pytest.raises(ApiError, match="non-public"):
+        handler.redirect_request(request, None, 302, "Found", {}, "http://metadata.test/latest/meta-data")
+    followed = handler.redirect_request(request, None, 302, "Found", {}, "http://public.test/other.png")
+    assert followed.full_url == "http://public.test/other.png"
+
+
+class _BrokenImageHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        if self.path == "/truncated":  # promises 1000 bytes, sends 10 and hangs up
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+        else:  # drips a byte at a time
+            self.end_headers()
+            for _ in range(50):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                threading.Event().wait(0.05)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_truncated_and_slow_downloads_are_client_errors(monkeypatch):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BrokenImageHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    monkeypatch.setattr(images, "FETCH_TIMEOUT_S", 1)
+    monkeypatch.setattr(images, "_CHUNK", 1)
+    try:
+        with pytest.raises(ApiError, match="could not fetch") as caught:
+            images.fetch_url(base + "/truncated", "m", 10_000, allow_private=True)
+        assert caught.value.status == 400
+        with pytest.raises(ApiError, match="longer than 1 s") as caught:
+            images.fetch_url(base + "/slow", "m", 10_000, allow_private=True)
+        assert caught.value.status == 400
+    finally:
+        httpd.shutdown()

@@ -135,6 +135,11 @@ def test_remote_images_only_with_the_flag(pipe, image_host):
 
     with serve(pipe, allow_remote_images=True, max_image_bytes=60_000) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:  # 127.0.0.1 is not a public host
+            ask(client, host + "/green.png")
+        assert "non-public address" in caught.value.message
+    with serve(pipe, allow_remote_images=True, allow_private_image_hosts=True, max_image_bytes=60_000) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         inline = ask(client, "data:image/png;base64," + base64.b64encode(picture).decode())
         assert ask(client, host + "/green.png") == inline
         with pytest.raises(openai.APIStatusError) as caught:

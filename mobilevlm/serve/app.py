@@ -36,6 +36,7 @@ class ServerSettings:
     model_name: str
     api_key: str | None = None
     allow_remote_images: bool = False
+    allow_private_image_hosts: bool = False
     max_queue: int = 16
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 16 * MiB
@@ -135,7 +136,8 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
             raise _unknown_model(chat.model, settings.model_name)
         _admit(work.ensure_room)
         fetch = partial(fetch_image, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                        allow_remote=settings.allow_remote_images)
+                        allow_remote=settings.allow_remote_images,
+                        allow_private_hosts=settings.allow_private_image_hosts)
         rendered = await run_in_threadpool(render_messages, chat.messages, pipeline.conversation(),
                                            fetch, settings.max_images)
         max_tokens = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens

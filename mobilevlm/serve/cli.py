@@ -20,7 +20,9 @@ def register(subparsers) -> None:
     serve.add_argument("--api-key", default=os.environ.get("MOBILEVLM_API_KEY"),
                        help="require this key on every route (default: $MOBILEVLM_API_KEY; none = open)")
     serve.add_argument("--allow-remote-images", action="store_true",
-                       help="let requests name http(s) image URLs, which the server then downloads")
+                       help="let requests name http(s) image URLs, which the server then downloads (public hosts only)")
+    serve.add_argument("--allow-private-image-hosts", action="store_true",
+                       help="with --allow-remote-images: also download from loopback / private / link-local addresses")
     serve.add_argument("--max-queue", type=int, default=16,
                        help="requests admitted at once (running + waiting); more get HTTP 429")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body (HTTP 413 beyond)")
@@ -71,7 +73,8 @@ def run_serve(args) -> int:
         pipeline = Pipeline.from_pretrained(args.model, device=device, dtype=args.dtype, conv_mode=args.conv_mode)
     settings = ServerSettings(
         model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key,
-        allow_remote_images=args.allow_remote_images, max_queue=args.max_queue,
+        allow_remote_images=args.allow_remote_images, allow_private_image_hosts=args.allow_private_image_hosts,
+        max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, default_max_tokens=args.max_tokens)
     print(f"mobilevlm serve: model {settings.model_name!r} at http://{args.host}:{args.port}/ "
