@@ -8,10 +8,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mobilevlm.cli import main
+from mobilevlm.config import TINY_VISION_TOWER
 from mobilevlm.errors import CheckpointError
 from mobilevlm.fast.checkpoint import load_quantized, save_quantized
 from mobilevlm.fast.pipeline import FastPipeline
-from mobilevlm.fast.quantize import Int4Linear, Int8Linear, quantize_model
+from mobilevlm.fast.quantize import Int4Linear, Int8Linear, quantizable_linears, quantize_model
 from mobilevlm.generation import GenerationSettings
 from mobilevlm.model.loading import load_pretrained_model
 from mobilevlm.testing import make_tiny_checkpoint
@@ -94,3 +95,28 @@ def test_quantized_directory_loads_through_the_ordinary_entry_points(source, tmp
     assert capsys.readouterr().out.strip() == answer
     with pytest.raises(Exception, match="quantized CPU checkpoint"):
         load_pretrained_model(tmp_path / "q8", device="cuda")
+
+
+def test_int4_checkpoint_with_an_int4_tower_still_loads(tmp_path):
+    """Before the tower went int8 in both modes, `--mode int4 --include-vision` stored it in int4, and its config
+    had no vision_mode."""
+    tower = {**TINY_VISION_TOWER, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}  # int4-sized
+    source = make_tiny_checkpoint(tmp_path / "src", "tiny_v2", seed=7, mm_vision_tower_config=tower)
+    _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
+    quantize_model(model, "int4", group_size=32, include_vision=False)
+    for parent, attr, _, linear in list(quantizable_linears(model, include_vision=True)):
+        setattr(parent, attr, Int4Linear.from_linear(linear, 32))
+    model.config.quantization = {"mode": "int4", "group_size": 32, "include_vision": True}
+    out = save_quantized(model, source, tmp_path / "old")
+    _, loaded, _, _ = load_quantized(out)
+    assert isinstance(loaded.model.vision_tower.vision_tower.vision_model.encoder.layers[0].mlp.fc1, Int4Linear)
+    original, reloaded = model.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys() and all(torch.equal(original[k], reloaded[k]) for k in original)
+
+
+def test_new_checkpoints_record_the_int8_tower(source, tmp_path):
+    _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
+    out = save_quantized(quantize_model(model, "int4", group_size=32), source, tmp_path / "q")
+    assert json.loads((out / "config.json").read_text())["quantization"]["vision_mode"] == "int8"
+    _, loaded, _, _ = load_quantized(out)
+    assert isinstance(loaded.model.vision_tower.vision_tower.vision_model.encoder.layers[0].mlp.fc1, Int8Linear)

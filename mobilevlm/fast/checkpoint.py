@@ -63,12 +63,18 @@ def _empty_quantized_model(config):
     mode = quantization.get("mode")
     if mode not in QUANTIZED_CLASSES:
         raise CheckpointError(f"config.json: quantization.mode {mode!r} is not one of {', '.join(QUANTIZED_CLASSES)}")
+    # Checkpoints written before the tower went int8 in both modes have no vision_mode: their tower is in `mode`.
+    vision_mode = quantization.get("vision_mode", mode)
+    if vision_mode not in QUANTIZED_CLASSES:
+        raise CheckpointError(f"config.json: quantization.vision_mode {vision_mode!r} is not one of "
+                              f"{', '.join(QUANTIZED_CLASSES)}")
     with torch.device("meta"):
         model = MobileLlamaForCausalLM(config)
     to_bfloat16(model)
     for parent, attr, name, linear in list(quantizable_linears(model, quantization.get("include_vision", False))):
-        setattr(parent, attr, quantized_class(mode, name).empty(linear.out_features, linear.in_features,
-                                                                linear.bias is not None, quantization.get("group_size") or 0))
+        kind = quantized_class(mode, name, vision_mode)
+        setattr(parent, attr, kind.empty(linear.out_features, linear.in_features, linear.bias is not None,
+                                         quantization.get("group_size") or 0))
     return model
 
 

@@ -269,10 +269,13 @@ def is_vision_module(name: str) -> bool:
     return ".vision_tower" in f".{name}" or ".mm_projector" in f".{name}"
 
 
-def quantized_class(mode: str, name: str) -> type[nn.Module]:
-    """The CLIP tower and projector are int8 in both modes: they see ~600 rows per image, where fbgemm's int8 GEMM
-    beats a bf16 GEMM (1.7 vs 2.7 s for the 1.7B model's tower) and the int4 kernel is slow."""
-    return Int8Linear if is_vision_module(name) else QUANTIZED_CLASSES[mode]
+# The CLIP tower and projector are int8 in both modes: they see ~600 rows per image, where fbgemm's int8 GEMM
+# beats a bf16 GEMM (1.7 vs 2.7 s for the 1.7B model's tower) and the int4 kernel is slow.
+VISION_MODE = "int8"
+
+
+def quantized_class(mode: str, name: str, vision_mode: str = VISION_MODE) -> type[nn.Module]:
+    return QUANTIZED_CLASSES[vision_mode if is_vision_module(name) else mode]
 
 
 def to_bfloat16(model: nn.Module) -> nn.Module:
@@ -315,5 +318,5 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_
             module.pack()
     if hasattr(model, "config"):
         model.config.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
-                                     "include_vision": include_vision}
+                                     "include_vision": include_vision, "vision_mode": VISION_MODE}
     return model
