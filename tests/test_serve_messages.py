@@ -6,6 +6,7 @@ import http.server
 import io
 import socket
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -163,6 +164,24 @@ class _BrokenImageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _DripHandler(http.server.BaseHTTPRequestHandler):
+    """Sends a byte every 0.1 s for 6 s: never idle long enough for a socket timeout."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        for _ in range(60):
+            try:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+            threading.Event().wait(0.1)
+
+    def log_message(self, *args):
+        pass
+
+
 def test_truncated_and_slow_downloads_are_client_errors(monkeypatch):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BrokenImageHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -176,5 +195,19 @@ def test_truncated_and_slow_downloads_are_client_errors(monkeypatch):
         with pytest.raises(ApiError, match="longer than 1 s") as caught:
             images.fetch_url(base + "/slow", "m", 10_000, allow_private=True)
         assert caught.value.status == 400
+    finally:
+        httpd.shutdown()
+
+
+def test_the_download_deadline_holds_while_bytes_keep_trickling_in(monkeypatch):
+    """A chunk read waits for the whole chunk; the deadline must be checked between network reads."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(images, "FETCH_TIMEOUT_S", 1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ApiError, match="longer than 1 s"):
+            images.fetch_url(f"http://127.0.0.1:{httpd.server_address[1]}/drip", "m", 10_000, allow_private=True)
+        assert time.monotonic() - started < 3
     finally:
         httpd.shutdown()

@@ -90,8 +90,9 @@ def fetch_url(url: str, where: str, max_bytes: int, allow_private: bool = False)
     data = bytearray()
     try:
         with opener.open(request, timeout=FETCH_TIMEOUT_S) as response:
-            # read in chunks: the socket timeout bounds each read, this bounds a server that sends a byte at a time
-            while len(data) <= max_bytes and (chunk := response.read(min(_CHUNK, max_bytes + 1 - len(data)))):
+            # the socket timeout bounds each network read, the deadline a server that sends a byte at a time;
+            # read1, since read(n) waits for all n bytes and would only look at the clock after them
+            while len(data) <= max_bytes and (chunk := response.read1(min(_CHUNK, max_bytes + 1 - len(data)))):
                 data += chunk
                 if time.monotonic() > deadline:
                     raise ApiError(400, f"{where}: the image download took longer than {FETCH_TIMEOUT_S} s",
