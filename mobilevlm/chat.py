@@ -19,7 +19,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, fp16 on GPU)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                        help="weight-only CPU quantization of the language model (fast path)")
+                        help="CPU quantization while loading: the language model in this mode, the CLIP tower in int8 (fast path)")
 
 
 def register(subparsers) -> None:

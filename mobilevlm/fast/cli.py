@@ -1,11 +1,11 @@
-"""`mobilevlm quantize`: write a weight-only int8 / int4 copy of a checkpoint for fast CPU inference."""
+"""`mobilevlm quantize`: write an int8 / int4 copy of a checkpoint for fast CPU inference."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("quantize", help="write an int8/int4 weight-only quantized checkpoint (CPU)")
+    parser = subparsers.add_parser("quantize", help="write an int8/int4 quantized checkpoint (CPU)")
     parser.add_argument("--model", required=True, help="full-precision checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory (load it with --model like any checkpoint)")
     parser.add_argument("--mode", required=True, choices=("int8", "int4"))

@@ -1,14 +1,12 @@
-"""Weight-only quantization of `nn.Linear` layers on torch's maintained CPU kernels.
+"""Quantization of `nn.Linear` layers on torch's maintained CPU kernels.
 
-- int8: symmetric per-output-channel int8 weights, `torch._weight_int8pack_mm` (bf16 activations). For
-  prefill-sized inputs the weight is dequantized to bf16 and a bf16 GEMM is used instead: the int8 kernel is a
-  GEMV at heart and is ~3x slower than oneDNN's bf16 GEMM once there are more than a few rows.
+- int8: symmetric per-output-channel int8 weights; fbgemm's int8 GEMM with activations quantized per token on
+  the fly (`Int8Linear`), or weight-only `torch._weight_int8pack_mm` where fbgemm is missing.
 - int4: asymmetric group-wise (min/max) 4-bit weights, `aten._weight_int4pack_mm_for_cpu`, for every input size
   (unpacking the nibbles to bf16 for a GEMM costs more than the kernel's slower prefill: measured in docs/speed.md).
 
-Activations run in bf16 (both kernels are fast only for bf16 inputs on CPU), so `quantize_model` also casts
-the unquantized parts of the model to bf16. Only the language model is quantized by default: the CLIP tower
-and projector see ~600 rows per image, where weight-only int8 loses to the bf16 GEMM (see docs/speed.md).
+`quantize_model` casts the unquantized parts of the model to bf16 (the int4 kernel is fast only for bf16 inputs on
+CPU). The CLIP tower and projector are int8 in both modes unless `include_vision=False` keeps them in bf16.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     serve.add_argument("--fast", action="store_true",
                        help="CPU: decode with the lean decoder (FastPipeline, bf16 by default); see docs/inference.md")
     serve.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                       help="CPU: weight-only quantization of the language model while loading (implies --fast)")
+                       help="CPU: quantize while loading, the language model in this mode and the CLIP tower in int8 (implies --fast)")
     serve.set_defaults(func=run_serve)
 
 
