@@ -115,7 +115,9 @@ def test_data_urls():
 @pytest.fixture
 def fake_dns(monkeypatch):
     table = {"public.test": ["93.184.216.34"], "metadata.test": ["169.254.169.254"],
-             "mixed.test": ["93.184.216.34", "10.1.2.3"], "v6local.test": ["::1"]}
+             "mixed.test": ["93.184.216.34", "10.1.2.3"], "v6local.test": ["::1"],
+             "mapped.test": ["::ffff:10.0.0.1"], "sixtofour.test": ["2002:a9fe:a9fe::1"],
+             "nat64.test": ["64:ff9b::a9fe:a9fe"], "compat.test": ["::7f00:1"], "public6.test": ["2606:4700::1111"]}
 
     def getaddrinfo(host, port, *args, **kwargs):
         if host not in table:
@@ -126,7 +128,9 @@ def fake_dns(monkeypatch):
 
 def test_remote_hosts_must_resolve_to_public_addresses_only(fake_dns):
     check_remote_host("http://public.test/cat.png", "m", allow_private=False)
-    for host in ("metadata.test", "mixed.test", "v6local.test"):
+    check_remote_host("http://public6.test/cat.png", "m", allow_private=False)
+    for host in ("metadata.test", "mixed.test", "v6local.test", "mapped.test", "sixtofour.test", "nat64.test",
+                 "compat.test"):
         with pytest.raises(ApiError, match="non-public address") as caught:
             check_remote_host(f"https://{host}/x.png", "messages[0]", allow_private=False)
         assert caught.value.status == 400

@@ -182,9 +182,10 @@ class LeanDecoder:
                 for _ in range(2):
                     self._fixed_shape_step()
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._graph_logits = self._fixed_shape_step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._fixed_shape_step()
+            self._graph, self._graph_logits = graph, logits  # only a completed capture is kept for replay
         self._graph.replay()
         return self._graph_logits.clone()
 

@@ -66,11 +66,27 @@ def check_remote_host(url: str, where: str, allow_private: bool) -> None:
     except (socket.gaierror, UnicodeError, ValueError) as err:
         raise ApiError(400, f"{where}: could not fetch the image URL (cannot resolve {parts.hostname!r}: {err})",
                        param=where) from None
-    private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
+    private = sorted(a for a in addresses if not _is_public(ipaddress.ip_address(a.split("%")[0])))
     if private:
         raise ApiError(400, f"{where}: {parts.hostname!r} resolves to a non-public address ({', '.join(private)}); this "
                             "server only downloads from public hosts (--allow-private-image-hosts lifts that)",
                        param=where)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _is_public(address) -> bool:
+    """Global, and for IPv6 forms that carry an IPv4 address (mapped, compatible, 6to4, NAT64), that one too."""
+    if not address.is_global:
+        return False
+    if address.version == 6:
+        value = int(address)
+        embedded = (address.ipv4_mapped or address.sixtofour
+                    or (ipaddress.IPv4Address(value & 0xFFFFFFFF) if address in _NAT64 or value >> 32 == 0 else None))
+        if embedded is not None and not embedded.is_global:
+            return False
+    return True
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
