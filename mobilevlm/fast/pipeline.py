@@ -9,7 +9,6 @@ import threading
 
 import torch
 
-from mobilevlm.fast.checkpoint import release_freed_memory
 from mobilevlm.fast.decoder import LeanDecoder
 from mobilevlm.generation import GenerationSettings, Pipeline
 
@@ -32,7 +31,6 @@ class FastPipeline(Pipeline):
     def __init__(self, tokenizer, model, image_processor, context_len: int, conv_mode: str = "v1"):
         super().__init__(tokenizer, model, image_processor, context_len, conv_mode)
         self.decoder = LeanDecoder(model, context_len)
-        release_freed_memory()  # the per-layer int4 weights the fused copies replaced
 
     @classmethod
     def from_pretrained(cls, model_path, device: str = "cpu", dtype="bfloat16", quantize: str | None = None,
