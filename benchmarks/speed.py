@@ -170,7 +170,8 @@ def _torch_runner(name: str, root: Path, threads: int, device: str):
         embeds = model.prepare_inputs_labels_for_multimodal(torch.tensor([ids], device=device), None, None, pixels)[0][0]
 
     def vision():
-        model.encode_images(pixels)
+        # the fast path's own image step (tower + projector + splice), as FastPipeline runs it
+        decoder.embed_prompt(ids, pixels) if decoder is not None else model.encode_images(pixels)
         if device != "cpu":
             torch.cuda.synchronize()  # kernels are queued, not done, when the call returns
     return model, vision, prefill, step, embeds, decoder
