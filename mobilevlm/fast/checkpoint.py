@@ -4,7 +4,6 @@ the model skeleton on the meta device and assigns the stored tensors, so loading
 copy (peak memory ~ the quantized size)."""
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from mobilevlm.errors import CheckpointError
+from mobilevlm.fast.memory import release_freed_memory
 from mobilevlm.fast.quantize import (QUANTIZED_CLASSES, Int4Linear, Int8Linear, quantizable_linears, quantized_class,
                                      to_bfloat16)
 
@@ -147,15 +147,6 @@ def _check_shape(key: str, expected: torch.Tensor, tensor: torch.Tensor) -> None
     if tuple(expected.shape) != tuple(tensor.shape) or expected.dtype != tensor.dtype:
         raise CheckpointError(f"{key}: expected {expected.dtype} {tuple(expected.shape)}, "
                               f"found {tensor.dtype} {tuple(tensor.shape)} (does the file fit config.json?)")
-
-
-def release_freed_memory() -> None:
-    """Hands the heap that loading freed back to the OS. glibc keeps freed blocks for reuse, and packing
-    layer by layer leaves ~0.3 GB of them at 1.7B: resident, counted in RSS, never used again."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def load_quantized(model_dir):

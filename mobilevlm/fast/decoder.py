@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilevlm.errors import PromptError
-from mobilevlm.fast.checkpoint import release_freed_memory
+from mobilevlm.fast.memory import release_freed_memory
 from mobilevlm.fast.quantize import Int4Linear
 
 

@@ -307,7 +307,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_
         if kind is Int4Linear and not Int4Linear.supports(linear, group_size):
             skipped.append(name)
             continue
-        setattr(parent, attr, Int8Linear.from_linear(linear) if kind is Int8Linear else Int4Linear.from_linear(linear, group_size))
+        quantized = Int8Linear.from_linear(linear) if kind is Int8Linear else Int4Linear.from_linear(linear, group_size)
+        setattr(parent, attr, quantized)
     if skipped:
         raise MobileVLMError(f"int4 needs out_features % {INT4_ROW_BLOCK} == 0 and in_features % {group_size} == 0; "
                              f"these layers do not fit: {', '.join(skipped[:6])} (try a smaller --group-size)")
