@@ -30,18 +30,17 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module:
     if kind is Int4Linear and len({linear.group_size for linear in linears}) == 1:
         for linear in linears:
             linear.pack()
-        # The packed layout stores whole blocks of 64 output rows one after another, so packed tensors
-        # concatenate along rows; the (small) scales are copied.
-        packed = torch.cat([linear._packed for linear in linears])
-        sz = torch.cat([linear.scales_and_zeros for linear in linears], dim=1)
-        fused = Int4Linear(torch.empty(0, linears[0].in_features // 2, dtype=torch.uint8), sz,
-                           linears[0].group_size, None)
-        fused.out_features, fused._portable, fused._packed = packed.shape[0], None, packed
-        start = 0
-        for linear in linears:
-            rows = linear._packed.shape[0]
-            linear._packed = packed[start:start + rows]
-            start += rows
+        kernel = linears[0].kernel
+        # Both packed layouts store whole blocks of output rows one after another, so they concatenate along rows.
+        sizes = [linear.out_features for linear in linears]
+        fused = Int4Linear.from_packed(kernel, torch.cat([linear._packed for linear in linears]),
+                                       torch.cat([linear._kernel_scales for linear in linears], kernel.scale_rows_dim),
+                                       linears[0].group_size)
+        scale_views = kernel.split_scales(fused._kernel_scales, sizes)
+        for index, (linear, weights) in enumerate(zip(linears, fused._packed.split(sizes))):
+            linear._packed = weights
+            if scale_views is not None:
+                linear._kernel_scales = scale_views[index]
         return fused
     return _Concat(linears)
 

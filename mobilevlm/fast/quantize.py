@@ -2,15 +2,14 @@
 
 - int8: symmetric per-output-channel int8 weights; fbgemm's int8 GEMM with activations quantized per token on
   the fly (`Int8Linear`), or weight-only `torch._weight_int8pack_mm` where fbgemm is missing.
-- int4: asymmetric group-wise (min/max) 4-bit weights, `aten._weight_int4pack_mm_for_cpu`, for every input size
-  (unpacking the nibbles to bf16 for a GEMM costs more than the kernel's slower prefill: measured in docs/speed.md).
+- int4: asymmetric group-wise (min/max) 4-bit weights, for every input size on one of the kernels of
+  `int4_kernels`: int4 x int8 VNNI dot products (the project's own C++, built on first use) where the CPU has
+  AVX-512 VNNI, else `aten._weight_int4pack_mm_for_cpu`.
 
-`quantize_model` casts the unquantized parts of the model to bf16 (the int4 kernel is fast only for bf16 inputs on
-CPU). The CLIP tower and projector are int8 in both modes unless `include_vision=False` keeps them in bf16.
+`quantize_model` casts the unquantized parts of the model to bf16 (aten's int4 kernel is fast only for bf16 inputs). The CLIP tower and projector are int8 in both modes unless `include_vision=False` keeps them in bf16.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilevlm.errors import MobileVLMError
+from mobilevlm.fast import int4_kernels
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -27,8 +27,8 @@ INT8_GEMM_ROWS = 16
 # fbgemm's AVX2 kernels sum pairs of u8*s8 products in int16, which can saturate unless activations use 7 bits;
 # with VNNI the products accumulate in int32 and the full 8 bits are safe.
 _REDUCE_RANGE = not torch.cpu._is_vnni_supported()
-# The CPU int4 kernel packs output channels in blocks of 64 rows.
-INT4_ROW_BLOCK = 64
+# Both int4 kernels pack output channels in blocks of rows (the aten one in blocks of 64).
+INT4_ROW_BLOCK = int4_kernels.ROW_BLOCK
 
 
 def _fbgemm_available() -> bool:
@@ -131,9 +131,9 @@ class Int4Linear(nn.Module):
     """Group-wise asymmetric int4: w = (q - 8) * scale + zero per group of `group_size` input channels.
 
     In checkpoints: `qweight` uint8 [out, in/2] (even input channel in the low nibble) and `scales_and_zeros`
-    bf16 [in/group, out, 2]. In memory only the kernel's packed tensor is kept (half the bytes of a second copy);
-    its layout is private to torch's CPU kernel, so `qweight` is rebuilt from it only when that layout is the one
-    checked by `_kernel_layout_known` (else the portable copy is kept as well).
+    bf16 [in/group, out, 2]. In memory only the kernel's packed weights and scales are kept (`int4_kernels`:
+    AVX-512 VNNI where the CPU has it, else torch's own kernel); the portable tensors are rebuilt from them for
+    saving, and kept beside them only when the kernel's layout cannot be inverted.
     """
 
     def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -145,6 +145,8 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._portable: torch.Tensor | None = qweight
         self._packed: torch.Tensor | None = None
+        self._kernel_scales: torch.Tensor | None = None
+        self.kernel = None
 
     @staticmethod
     def supports(linear: nn.Linear, group_size: int) -> bool:
@@ -168,12 +170,20 @@ class Int4Linear(nn.Module):
                    torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16), group_size,
                    torch.empty(out_features, dtype=torch.bfloat16) if bias else None)
 
+    @classmethod
+    def from_packed(cls, kernel, weights: torch.Tensor, scales: torch.Tensor, group_size: int) -> "Int4Linear":
+        """A layer over already packed tensors (the lean decoder's fused projections)."""
+        layer = cls(torch.empty(0, weights.shape[1], dtype=torch.uint8), None, group_size, None)
+        layer.out_features, layer._portable = weights.shape[0], None
+        layer.kernel, layer._packed, layer._kernel_scales = kernel, weights, scales
+        return layer
+
+    def _unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernel.unpack(self._packed, self._kernel_scales, self.in_features)
+
     def values(self) -> torch.Tensor:
         """The unsigned 4-bit values, [out, in] uint8."""
-        if self._portable is not None:
-            nibbles = torch.stack([self._portable & 15, self._portable >> 4], -1)
-            return nibbles.reshape(self.out_features, self.in_features)
-        return _unpack_kernel_layout(self._packed, self.out_features, self.in_features)
+        return _nibbles(self._portable) if self._portable is not None else self._unpacked()[0]
 
     def portable(self) -> torch.Tensor:
         if self._portable is not None:
@@ -181,32 +191,38 @@ class Int4Linear(nn.Module):
         q = self.values()
         return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
+    def portable_scales(self) -> torch.Tensor:
+        """scales_and_zeros, bf16 [in/group, out, 2]."""
+        return self.scales_and_zeros if self.scales_and_zeros is not None else self._unpacked()[1]
+
     def dequantize(self) -> torch.Tensor:
         """The bf16 weight [out, in], computed as q * scale + (zero - 8 * scale) in one fp32 pass."""
         q = self.values().reshape(self.out_features, -1, self.group_size)
-        scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)
+        scales, zeros = self.portable_scales().float().transpose(0, 1).unbind(-1)
         low = (zeros - 8 * scales)[..., None]
         weight = torch.addcmul(low, q.float(), scales[..., None])
         return weight.reshape(self.out_features, self.in_features).to(torch.bfloat16)
 
     def pack(self) -> None:
-        """Builds the kernel's packed weight (once, after quantizing or loading).
-
-        Packed in slices of rows (whole 64-row blocks, which the layout keeps contiguous) so that the int32 copy
-        the packing function takes stays small (the 32000-row lm_head would need 260 MB at once)."""
-        if self._packed is None:
-            values = self.values()
-            step = INT4_ROW_BLOCK * 64
-            self._packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(values[i:i + step].to(torch.int32), 1)
-                                      for i in range(0, self.out_features, step)])
-            if _kernel_layout_known():
-                self._portable = None
+        """Builds the kernel's packed weights and scales (once, after quantizing or loading), in slices of rows
+        so that the staging copies stay small (the 32000-row lm_head's values are 65 MB)."""
+        if self._packed is not None:
+            return
+        self.kernel = int4_kernels.selected()
+        step = INT4_ROW_BLOCK * 64
+        parts = [self.kernel.pack(_nibbles(self._portable[i:i + step]), self.scales_and_zeros[:, i:i + step])
+                 for i in range(0, self.out_features, step)]
+        self._packed = torch.cat([weights for weights, _ in parts])
+        self._kernel_scales = torch.cat([scales for _, scales in parts], dim=self.kernel.scale_rows_dim)
+        if self.kernel.unpack_known():
+            self._portable = None
+            if self._kernel_scales.data_ptr() != self.scales_and_zeros.data_ptr():
+                self.scales_and_zeros = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.pack()
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self.scales_and_zeros)
+        y = self.kernel.mm(x.reshape(-1, shape[-1]), self._packed, self._kernel_scales, self.group_size)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -214,40 +230,33 @@ class Int4Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "qweight"] = self.portable()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scales_and_zeros"] = self.portable_scales()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "qweight"
+        if self.scales_and_zeros is None:  # packed: take the stored scales back into the buffer, to be packed again
+            self.scales_and_zeros = torch.empty(self.in_features // self.group_size, self.out_features, 2,
+                                                dtype=torch.bfloat16)
         if key in state_dict:
             qweight = state_dict[key]
             if tuple(qweight.shape) != (self.out_features, self.in_features // 2) or qweight.dtype != torch.uint8:
                 error_msgs.append(f"{key}: expected uint8 {(self.out_features, self.in_features // 2)}, "
                                   f"got {qweight.dtype} {tuple(qweight.shape)}")
             else:
-                self._portable, self._packed = qweight, None
+                self._portable, self._packed, self._kernel_scales = qweight, None, None
         else:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+        kernel = f", kernel={self.kernel.name}" if self.kernel else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}{kernel}"
 
 
-def _unpack_kernel_layout(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Inverse of the AVX-512 CPU packing: per block of 64 output rows, for each input channel, 32 bytes whose
-    low nibbles are rows 0-31 and high nibbles rows 32-63."""
-    blocks = packed.reshape(out_features // INT4_ROW_BLOCK, in_features, INT4_ROW_BLOCK // 2)
-    rows = torch.cat([blocks & 15, blocks >> 4], -1)
-    return rows.transpose(1, 2).reshape(out_features, in_features)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_layout_known() -> bool:
-    probe = torch.randint(0, 16, (2 * INT4_ROW_BLOCK, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-    return packed.numel() * 2 == probe.numel() and torch.equal(
-        _unpack_kernel_layout(packed, *probe.shape).to(torch.int32), probe)
+def _nibbles(portable: torch.Tensor) -> torch.Tensor:
+    return torch.stack([portable & 15, portable >> 4], -1).reshape(portable.shape[0], -1)
 
 
 QUANTIZED_CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
