@@ -43,6 +43,32 @@ def test_quantized_checkpoint_round_trips(source, tmp_path, mode, kind):
                                    atol=0, rtol=0)
 
 
+def _mapped_files(address: int) -> set[str]:
+    """Files mapped at `address` in this process (from /proc/self/maps)."""
+    files = set()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        begin, end = (int(part, 16) for part in fields[0].split("-"))
+        if begin <= address < end and len(fields) >= 6:
+            files.add(fields[5])
+    return files
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_token_embeddings_stay_mapped_from_the_file(source, tmp_path):
+    _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
+    out = save_quantized(quantize_model(model, "int4", group_size=32), source, tmp_path / "q")
+    _, loaded, _, _ = load_quantized(out)
+    weight = loaded.get_input_embeddings().weight
+    assert torch.equal(weight, load_file(out / "model.safetensors")["model.embed_tokens.weight"])
+    assert str((out / "model.safetensors").resolve()) in _mapped_files(weight.data_ptr())
+    # the mapping is private: using the model never writes to the checkpoint
+    before = (out / "model.safetensors").read_bytes()
+    with torch.inference_mode():
+        loaded(input_ids=torch.tensor([[1, 5, 9]]))
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def test_cli_quantize_then_fast_pipeline_matches_load_time_quantization(source, tmp_path):
     assert main(["quantize", "--model", str(source), "--out", str(tmp_path / "q"), "--mode", "int4",
                  "--group-size", "32"]) == 0

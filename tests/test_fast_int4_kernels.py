@@ -19,13 +19,16 @@ def _layer(out_features=128, in_features=256, group=64, seed=0) -> Int4Linear:
 
 
 def _emulated(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
-    """float64 y = x @ W^T with x rounded to int8 per token and group (max/127, round half to even) as the
-    kernel does; the weight side is exact, so only the kernel's float32 accumulation differs."""
+    """float64 y = x @ W^T with x rounded to int8 per token and group as the kernel does it (in float32:
+    q = round_half_even(a * (127 / max|a|)), scale max|a| / 127); the weight side is exact, so only the kernel's
+    float32 accumulation differs."""
     group = layer.group_size
-    a = x.double().reshape(x.shape[0], -1, group)
-    scale = a.abs().amax(-1, keepdim=True) / 127
-    qa = torch.where(scale > 0, torch.round(a / scale.clamp(min=1e-300)), torch.zeros_like(a))
-    a_rounded = (qa * scale).reshape(x.shape)
+    a = x.float().reshape(x.shape[0], -1, group)
+    amax = a.abs().amax(-1, keepdim=True)
+    # tensor / tensor: a Python number divided by a tensor is computed as number * reciprocal (two roundings)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    qa = torch.round(a * inverse).double()
+    a_rounded = (qa * (amax / 127).double()).reshape(x.shape)
     weight = layer.values().double().reshape(layer.out_features, -1, group)
     scales, zeros = layer.portable_scales().double().transpose(0, 1).unbind(-1)
     weight = (weight - 8) * scales[..., None] + zeros[..., None]
@@ -49,15 +52,20 @@ def test_vnni_layout_round_trips():
 @needs_vnni
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 11])  # the 4-token tile and every remainder
 @pytest.mark.parametrize("group", [32, 128])
-def test_vnni_kernel_computes_its_arithmetic(rows, group):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vnni_kernel_computes_its_arithmetic(rows, group, dtype):
     layer = _layer(out_features=64, in_features=512, group=group, seed=rows)
     layer.pack()
     assert layer.kernel is VnniKernel
     x = torch.randn(rows, 512)
     x[0, :group] *= 50  # a loud group must not cost the others their precision
+    x = x.to(dtype)
     y = layer(x)
-    expected = _emulated(x, layer)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert y.dtype == dtype
+    expected = _emulated(x.float(), layer)
+    # fp32 out: only the order of the fp32 sums differs; bf16 out: one rounding to 8 significant bits
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=1e-5 * expected.abs().max().item())
 
 
 @needs_vnni

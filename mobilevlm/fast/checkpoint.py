@@ -1,7 +1,8 @@
 """Quantized checkpoints: `save_quantized` writes config.json (with a `quantization` entry), one safetensors
 file of int8/int4 weights + bf16 rest, and the source's tokenizer / preprocessor files; `load_quantized` builds
 the model skeleton on the meta device and assigns the stored tensors, so loading never holds a full-precision
-copy (peak memory ~ the quantized size)."""
+copy (peak memory ~ the quantized size). The token embedding table stays in the file, memory-mapped: a prompt
+reads only its tokens' rows, so it costs a few pages of resident memory instead of 131 MB at 1.7B."""
 from __future__ import annotations
 
 import json
@@ -91,6 +92,21 @@ def _rebuild_non_persistent(model, config) -> None:
                 module.register_buffer(buffer_name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
 
 
+def _mapped_tensor(path: Path, key: str) -> torch.Tensor:
+    """A read-only-in-practice view of one tensor of a safetensors file, mapped (copy-on-write) rather than
+    read: pages become resident only when touched. The file must not be rewritten in place while in use."""
+    import numpy as np
+
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        entry = json.loads(file.read(header_size))[key]
+    if entry["dtype"] != "BF16":
+        raise CheckpointError(f"{path}: {key} is {entry['dtype']}; a quantized checkpoint stores it in BF16")
+    begin, end = entry["data_offsets"]
+    mapped = np.memmap(path, dtype=np.uint16, mode="c", offset=8 + header_size + begin, shape=((end - begin) // 2,))
+    return torch.from_numpy(mapped).view(torch.bfloat16).reshape(entry["shape"])
+
+
 def _assign_from_file(model: nn.Module, path: Path) -> None:
     """Reads the tensors module by module and packs each int4 layer as soon as it is read, so that peak memory is
     the quantized model plus one layer, not the whole file twice (a state dict and the packed copy)."""
@@ -100,6 +116,7 @@ def _assign_from_file(model: nn.Module, path: Path) -> None:
     with safe_open(str(path), framework="pt") as file:
         available = set(file.keys())
     consumed = set()
+    embedding = model.get_input_embeddings()
     for prefix, module in model.named_modules():
         prefix = f"{prefix}." if prefix else ""
         names = [name for name, _ in module.named_parameters(recurse=False)]
@@ -118,7 +135,10 @@ def _assign_from_file(model: nn.Module, path: Path) -> None:
                 if key not in available:
                     missing.append(key)
                     continue
-                tensor = file.get_tensor(key).clone()
+                if module is embedding and name == "weight":
+                    tensor = _mapped_tensor(path, key)
+                else:
+                    tensor = file.get_tensor(key).clone()
                 consumed.add(key)
                 if name in module._parameters:
                     _check_shape(key, module._parameters[name], tensor)

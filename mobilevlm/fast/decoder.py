@@ -105,7 +105,12 @@ class LeanDecoder:
         self.v_cache = allocate(shape, dtype=self.dtype, device=self.device)
         # CPU attention in bf16 (SDPA's flash or math kernel, or bf16 bmm) takes 0.5-0.8 ms a layer for one token
         # at 232 positions, ~15 % of an int4 step; upcasting the slices and running the fp32 flash kernel, 0.23 ms.
-        self.attention_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        # The upcast goes into preallocated buffers (pages touched only up to the sequence's length): a fresh
+        # multi-MB tensor per layer and step would be an mmap and a page fault per page under
+        # `limit_heap_retention`, or heap that glibc keeps.
+        self._upcast = None
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            self._upcast = [torch.empty(self.kv_heads, self.max_len, self.head_dim) for _ in range(2)]
         self.length = 0
         self._token = torch.zeros(1, dtype=torch.long, device=self.device)
         self._position = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -118,9 +123,12 @@ class LeanDecoder:
 
     def _attention(self, q, keys, values, **mask) -> torch.Tensor:
         """[heads, T, D] attention; 4-D inputs, since 3-D ones fall back to the slow math kernel on the CPU."""
-        dtype = self.attention_dtype
-        out = F.scaled_dot_product_attention(q[None].to(dtype), keys[None].to(dtype), values[None].to(dtype),
-                                             enable_gqa=self.gqa, **mask)
+        if self._upcast is not None:
+            length = keys.shape[1]
+            keys = self._upcast[0][:, :length].copy_(keys)
+            values = self._upcast[1][:, :length].copy_(values)
+        out = F.scaled_dot_product_attention(q[None].to(keys.dtype), keys[None], values[None], enable_gqa=self.gqa,
+                                             **mask)
         return out[0].to(q.dtype)
 
     def _layers(self, hidden, cos, sin, store, attend) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 
 def release_freed_memory() -> None:
@@ -10,4 +11,23 @@ def release_freed_memory() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+# Allocations from this size up are mmapped and unmapped on free. glibc's default threshold starts at 128 KiB
+# but rises to the size of each large block freed (up to 32 MiB), after which prefill and image-encoding buffers
+# of a few MB come from the heap and stay resident after use: ~0.1 GB of peak RSS at 1.7B (docs/speed.md).
+# Decode-time buffers stay below it, so decoding pays no page faults for it.
+HEAP_RETENTION_LIMIT = 1 << 20
+_M_MMAP_THRESHOLD = -3
+
+
+def limit_heap_retention() -> None:
+    """Makes glibc return large freed blocks to the OS at once (process-wide; a no-op elsewhere than glibc).
+    MOBILEVLM_KEEP_MALLOC_DEFAULTS=1 leaves the allocator as it is."""
+    if os.environ.get("MOBILEVLM_KEEP_MALLOC_DEFAULTS") == "1":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, HEAP_RETENTION_LIMIT)
+    except (OSError, AttributeError):
         pass

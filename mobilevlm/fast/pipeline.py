@@ -10,6 +10,7 @@ import threading
 import torch
 
 from mobilevlm.fast.decoder import LeanDecoder
+from mobilevlm.fast.memory import limit_heap_retention
 from mobilevlm.generation import GenerationSettings, Pipeline
 
 
@@ -48,6 +49,8 @@ class FastPipeline(Pipeline):
 
         model_dir = resolve_model_dir(model_path)
         quantized = is_quantized_checkpoint(model_dir)
+        if str(device) == "cpu":
+            limit_heap_retention()
         if str(device) != "cpu" and (quantize or quantized):
             raise MobileVLMError(f"int8 / int4 weights run on the CPU only; load {model_dir} with device='cpu', "
                                  f"or a full-precision checkpoint on {device}")

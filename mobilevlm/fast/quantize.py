@@ -209,15 +209,21 @@ class Int4Linear(nn.Module):
         if self._packed is not None:
             return
         self.kernel = int4_kernels.selected()
-        step = INT4_ROW_BLOCK * 64
-        parts = [self.kernel.pack(_nibbles(self._portable[i:i + step]), self.scales_and_zeros[:, i:i + step])
-                 for i in range(0, self.out_features, step)]
-        self._packed = torch.cat([weights for weights, _ in parts])
-        self._kernel_scales = torch.cat([scales for _, scales in parts], dim=self.kernel.scale_rows_dim)
-        if self.kernel.unpack_known():
-            self._portable = None
-            if self._kernel_scales.data_ptr() != self.scales_and_zeros.data_ptr():
-                self.scales_and_zeros = None
+        # Both layouts pack whole blocks of rows into the same number of bytes, so where the portable copy is not
+        # kept the blocks are packed in place (the lm_head alone would otherwise hold ~100 MB of copies at once).
+        in_place = self.kernel.unpack_known()
+        weights = self._portable if in_place else torch.empty_like(self._portable)
+        scales = []
+        step = INT4_ROW_BLOCK * 16
+        for i in range(0, self.out_features, step):
+            packed, packed_scales = self.kernel.pack(_nibbles(self._portable[i:i + step]),
+                                                     self.scales_and_zeros[:, i:i + step])
+            weights[i:i + step] = packed
+            scales.append(packed_scales)
+        self._packed = weights
+        self._kernel_scales = torch.cat(scales, dim=self.kernel.scale_rows_dim)
+        if in_place:
+            self._portable = self.scales_and_zeros = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.pack()

@@ -13,6 +13,7 @@
 //            with w = (q - 8) * scale + zero.
 // Activations are quantized per token and group of G channels to int8 (symmetric, max/127); with
 // a = sa * qa:  sum_k w*a = scale * sa * (sum q*qa - 8 * sum qa) + zero * sum a.
+// Accumulation is fp32; bf16 inputs give a bf16 result (rounded to nearest even), other inputs an fp32 one.
 #include <immintrin.h>
 
 #include <ATen/ATen.h>
@@ -35,24 +36,26 @@ struct QuantizedActivations {
   std::vector<float> sum;      // [M, K/G]: sum a
 };
 
-QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K, int64_t G) {
+template <typename In>
+QuantizedActivations quantize_activations(const In* x, int64_t M, int64_t K, int64_t G) {
   const int64_t groups = K / G;
   QuantizedActivations q{std::vector<int8_t>(M * K), std::vector<float>(M * groups),
                          std::vector<float>(M * groups), std::vector<float>(M * groups)};
   at::parallel_for(0, M * groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t mg = begin; mg < end; ++mg) {
-      const float* a = x + (mg / groups) * K + (mg % groups) * G;
+      const In* a = x + (mg / groups) * K + (mg % groups) * G;
       int8_t* qa = q.values.data() + (mg / groups) * K + (mg % groups) * G;
       float amax = 0.f, total = 0.f;
       for (int64_t k = 0; k < G; ++k) {
-        amax = std::fmax(amax, std::fabs(a[k]));
-        total += a[k];
+        const float v = static_cast<float>(a[k]);
+        amax = std::fmax(amax, std::fabs(v));
+        total += v;
       }
       const float sa = amax / 127.f;
       const float inverse = amax > 0.f ? 127.f / amax : 0.f;
       int32_t qsum = 0;
       for (int64_t k = 0; k < G; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(a[k] * inverse));
+        const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(a[k]) * inverse));
         qa[k] = static_cast<int8_t>(v);
         qsum += v;
       }
@@ -69,6 +72,16 @@ inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+// fp32 -> bf16, rounding to nearest even (AVX512-BF16's instruction is missing on many VNNI CPUs)
+inline void store(at::BFloat16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
 inline __m512i broadcast4(const int8_t* p) {
   int32_t v;
   __builtin_memcpy(&v, p, 4);
@@ -76,9 +89,9 @@ inline __m512i broadcast4(const int8_t* p) {
 }
 
 // T tokens against one block of 16 rows: out[t][0..15] = the 16 outputs of token t.
-template <int T>
+template <int T, typename Out>
 void block_tokens(const uint8_t* weights, const uint16_t* scales, const QuantizedActivations& qa,
-                  int64_t m0, int64_t K, int64_t G, float* const out[T]) {
+                  int64_t m0, int64_t K, int64_t G, Out* const out[T]) {
   const int64_t groups = K / G;
   const __m512i low_mask = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
@@ -108,17 +121,37 @@ void block_tokens(const uint8_t* weights, const uint16_t* scales, const Quantize
       acc[t] = _mm512_fmadd_ps(zero, _mm512_set1_ps(qa.sum[mg]), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
+  for (int t = 0; t < T; ++t) store(out[t], acc[t]);
 }
 
 constexpr int kTokenTile = 4;
 
-template <int T>
+template <int T, typename Out>
 void run_tile(const uint8_t* w, const uint16_t* s, const QuantizedActivations& qa, int64_t m0, int64_t K, int64_t G,
-              float* y, int64_t N, int64_t n0) {
-  float* out[T];
+              Out* y, int64_t N, int64_t n0) {
+  Out* out[T];
   for (int t = 0; t < T; ++t) out[t] = y + (m0 + t) * N + n0;
-  block_tokens<T>(w, s, qa, m0, K, G, out);
+  block_tokens<T, Out>(w, s, qa, m0, K, G, out);
+}
+
+template <typename Out>
+void run_blocks(const uint8_t* wp, const uint16_t* sp, const QuantizedActivations& qa, int64_t M, int64_t K,
+                int64_t G, int64_t blocks, Out* yp) {
+  const int64_t N = blocks * kRows, block_bytes = (K / kChunk) * 64, block_scales = (K / G) * 2 * kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* wb = wp + b * block_bytes;
+      const uint16_t* sb = sp + b * block_scales;
+      int64_t m = 0;
+      for (; m + kTokenTile <= M; m += kTokenTile) run_tile<kTokenTile>(wb, sb, qa, m, K, G, yp, N, b * kRows);
+      switch (M - m) {
+        case 3: run_tile<3>(wb, sb, qa, m, K, G, yp, N, b * kRows); break;
+        case 2: run_tile<2>(wb, sb, qa, m, K, G, yp, N, b * kRows); break;
+        case 1: run_tile<1>(wb, sb, qa, m, K, G, yp, N, b * kRows); break;
+        default: break;
+      }
+    }
+  });
 }
 
 at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales, int64_t group) {
@@ -131,28 +164,21 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& weights, const at
                   scales.size(0) == blocks && scales.size(1) == K / group,
               "int4_vnni_mm: shapes do not match (x ", x.sizes(), ", weights ", weights.sizes(), ", scales ",
               scales.sizes(), ", group ", group, ")");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  // bf16 activations are read as they are and the result is written in bf16 (no fp32 copies of either);
+  // anything else goes through fp32.
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::Tensor xc = bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
   const at::Tensor w = weights.contiguous(), s = scales.contiguous();
-  const QuantizedActivations qa = quantize_activations(xf.data_ptr<float>(), M, K, group);
-  at::Tensor y = at::empty({M, N}, xf.options());
+  const QuantizedActivations qa = bf16 ? quantize_activations(xc.data_ptr<at::BFloat16>(), M, K, group)
+                                       : quantize_activations(xc.data_ptr<float>(), M, K, group);
+  at::Tensor y = at::empty({M, N}, xc.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  const int64_t block_bytes = (K / kChunk) * 64, block_scales = (K / group) * 2 * kRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* wb = wp + b * block_bytes;
-      const uint16_t* sb = sp + b * block_scales;
-      int64_t m = 0;
-      for (; m + kTokenTile <= M; m += kTokenTile) run_tile<kTokenTile>(wb, sb, qa, m, K, group, yp, N, b * kRows);
-      switch (M - m) {
-        case 3: run_tile<3>(wb, sb, qa, m, K, group, yp, N, b * kRows); break;
-        case 2: run_tile<2>(wb, sb, qa, m, K, group, yp, N, b * kRows); break;
-        case 1: run_tile<1>(wb, sb, qa, m, K, group, yp, N, b * kRows); break;
-        default: break;
-      }
-    }
-  });
+  if (bf16) {
+    run_blocks(wp, sp, qa, M, K, group, blocks, y.data_ptr<at::BFloat16>());
+  } else {
+    run_blocks(wp, sp, qa, M, K, group, blocks, y.data_ptr<float>());
+  }
   return y;
 }
 
