@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilevlm.errors import PromptError
+from mobilevlm.fast import native
 from mobilevlm.fast.memory import release_freed_memory
 from mobilevlm.fast.quantize import Int4Linear
 
@@ -111,6 +112,10 @@ class LeanDecoder:
         self._upcast = None
         if self.device.type == "cpu" and self.dtype != torch.float32:
             self._upcast = [torch.empty(self.kv_heads, self.max_len, self.head_dim) for _ in range(2)]
+        # A decode step's attention reads the bf16 cache directly in the native kernel (0.1 ms a layer at 230
+        # positions, one thread, against 0.5 ms for the upcast + fp32 flash kernel: docs/speed.md).
+        self.native_attention = (self.device.type == "cpu" and self.dtype == torch.bfloat16
+                                 and self.head_dim % 16 == 0 and native.available())
         self.length = 0
         self._token = torch.zeros(1, dtype=torch.long, device=self.device)
         self._position = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -163,6 +168,9 @@ class LeanDecoder:
         # Prefill starts from an empty cache, so causal masking of the new block is the whole mask;
         # a single decode step attends to everything before it.
         def attend(q, k_cache, v_cache):
+            if steps == 1 and self.native_attention:
+                out = torch.ops.mobilevlm_attention.decode(q[:, 0], k_cache, v_cache, end, self.head_dim ** -0.5)
+                return out[:, None].to(q.dtype)
             return self._attention(q, k_cache[:, :end], v_cache[:, :end], is_causal=steps > 1)
 
         hidden = self._layers(hidden, self.cos[start:end], self.sin[start:end], store, attend)

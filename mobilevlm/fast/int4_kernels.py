@@ -1,12 +1,12 @@
 """The two CPU kernels behind `Int4Linear`, each with its own in-memory weight layout.
 
-- `VnniKernel`: int4 weights x int8 activations with AVX-512 VNNI dot products (kernels/int4_vnni.cpp, built
-  on first use with torch's extension builder and cached under ~/.cache/torch_extensions). Decoding is
+- `VnniKernel`: int4 weights x int8 activations with AVX-512 VNNI dot products (kernels/int4_vnni.cpp, one of
+  the `native` kernels, built on first use). Decoding is
   memory-bound instead of compute-bound: 4-5x faster per matrix than aten's kernel for one token and ~3.5x for
   a 350-token prefill, one thread (docs/speed.md), at the price of rounding activations to int8 per group
   (~0.7 % relative error per matrix, like llama.cpp's Q4_0 x Q8_0).
-- `AtenKernel`: torch's `aten._weight_int4pack_mm_for_cpu` (bf16 activations), where the CPU lacks AVX-512
-  VNNI, no C++ compiler is found, or MOBILEVLM_INT4_KERNEL=aten asks for it.
+- `AtenKernel`: torch's `aten._weight_int4pack_mm_for_cpu` (bf16 activations), where the native kernels are
+  not available (no AVX-512 VNNI, no C++ compiler, or MOBILEVLM_NATIVE_KERNELS=0).
 
 Both keep the weights as a [out, in/2] uint8 tensor whose rows can be concatenated and sliced in whole blocks
 (what the lean decoder's q/k/v and gate/up fusion does). Checkpoints never hold either layout: they store the
@@ -15,16 +15,12 @@ portable nibbles, so a file written on one machine loads on the other.
 from __future__ import annotations
 
 import functools
-import os
-import warnings
-from pathlib import Path
 
 import torch
 
+from mobilevlm.fast import native
+
 ROW_BLOCK = 64  # rows per packed block of the aten layout; the VNNI layout's 16 divides it
-KERNEL_ENV = "MOBILEVLM_INT4_KERNEL"
-_SOURCE = Path(__file__).parent / "kernels" / "int4_vnni.cpp"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fno-math-errno"]
 
 
 class AtenKernel:
@@ -110,32 +106,6 @@ def _aten_layout_known() -> bool:
         AtenKernel.unpack(packed, None, probe.shape[1])[0].to(torch.int32), probe)
 
 
-@functools.lru_cache(maxsize=None)
-def _build_vnni(source: Path = _SOURCE, name: str = "mobilevlm_int4") -> str | None:
-    """Builds and loads kernels/int4_vnni.cpp; returns why not, or None when it is loaded."""
-    if not (torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()):
-        return "the CPU has no AVX-512 VNNI"
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(name=name, sources=[str(source)], extra_cflags=_FLAGS, is_python_module=False)
-    except Exception as error:  # a missing compiler or ninja: the maintained kernel still works
-        return f"building {source.name} failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
 def selected() -> type[AtenKernel] | type[VnniKernel]:
-    """The kernel int4 layers use in this process (decided once)."""
-    wanted = os.environ.get(KERNEL_ENV, "auto")
-    if wanted not in ("auto", "vnni", "aten"):
-        warnings.warn(f"{KERNEL_ENV}={wanted!r} is not one of auto, vnni, aten; using auto")
-        wanted = "auto"
-    if wanted == "aten":
-        return AtenKernel
-    problem = _build_vnni()
-    if problem is None:
-        return VnniKernel
-    if wanted == "vnni" or torch.cpu._is_vnni_supported():
-        warnings.warn(f"int4: {problem}; using torch's slower int4 kernel instead")
-    return AtenKernel
+    """The kernel int4 layers use in this process."""
+    return VnniKernel if native.available() else AtenKernel

@@ -1,11 +1,11 @@
-"""The int4 kernels: the VNNI layout round-trips, the C++ kernel computes exactly what its arithmetic says
-(an independent float64 emulation of the int8 activation rounding), both kernels agree with the dequantized
-weights, and checkpoints move between them."""
+"""The native kernels and the int4 layouts: the VNNI layout round-trips, the int4 kernel computes exactly what
+its arithmetic says (an independent float64 emulation of the int8 activation rounding), both int4 kernels agree
+with the dequantized weights, checkpoints move between them, and the decode attention matches SDPA."""
 import pytest
 import torch
 from torch import nn
 
-from mobilevlm.fast import int4_kernels
+from mobilevlm.fast import int4_kernels, native
 from mobilevlm.fast.int4_kernels import AtenKernel, VnniKernel
 from mobilevlm.fast.quantize import Int4Linear
 
@@ -99,13 +99,13 @@ def test_checkpoints_move_between_kernels(monkeypatch, source, target):
     assert ((loaded(x).float() - reference).norm() / reference.norm()).item() < 0.01
 
 
-def test_environment_selects_the_aten_kernel(monkeypatch):
-    monkeypatch.setenv(int4_kernels.KERNEL_ENV, "aten")
-    int4_kernels.selected.cache_clear()
+def test_switch_selects_torchs_kernels(monkeypatch):
+    monkeypatch.setenv(native.SWITCH, "0")
+    native.available.cache_clear()
     try:
         assert int4_kernels.selected() is AtenKernel
     finally:
-        int4_kernels.selected.cache_clear()
+        native.available.cache_clear()
 
 
 def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
@@ -114,5 +114,30 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    problem = int4_kernels._build_vnni.__wrapped__(broken, "mobilevlm_int4_broken_test")
+    problem = native.build.__wrapped__((broken,), "mobilevlm_broken_test")
     assert problem is not None and "broken.cpp" in problem
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="the native CPU kernels are not built here")
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kv_heads,length", [(4, 4, 1), (4, 4, 37), (8, 2, 130)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, length):
+    torch.manual_seed(length)
+    capacity, dim = 160, 32
+    k = torch.randn(kv_heads, capacity, dim).bfloat16()
+    v = torch.randn(kv_heads, capacity, dim).bfloat16()
+    k[:, length:] = float("nan")  # positions past the length must not be read
+    q = torch.randn(heads, dim).bfloat16()
+    out = torch.ops.mobilevlm_attention.decode(q, k, v, length, dim ** -0.5)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[None, :, None].double(), k[None, :, :length].double(), v[None, :, :length].double(), enable_gqa=True)
+    torch.testing.assert_close(out.double(), expected[0, :, 0], rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_decode_attention_rejects_bad_shapes():
+    k = torch.zeros(2, 8, 24, dtype=torch.bfloat16)  # head dim not a multiple of 16
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        torch.ops.mobilevlm_attention.decode(torch.zeros(2, 24), k, k, 4, 1.0)
