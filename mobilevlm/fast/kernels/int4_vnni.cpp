@@ -97,26 +97,34 @@ void block_tokens(const uint8_t* weights, const uint16_t* scales, const Quantize
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i dot_lo[T], dot_hi[T];
-    for (int t = 0; t < T; ++t) dot_lo[t] = dot_hi[t] = _mm512_setzero_si512();
+    // four independent accumulators per token (low/high nibbles of even/odd chunks): with one or two tokens a
+    // single dependency chain of dot products would be latency-bound, not memory-bound
+    __m512i dot[T][4];
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < 4; ++j) dot[t][j] = _mm512_setzero_si512();
     const uint8_t* chunk = weights + g * (G / kChunk) * 64;
-    for (int64_t c = 0; c < G / kChunk; ++c, chunk += 64) {
-      const __m512i packed = _mm512_loadu_si512(chunk);
-      const __m512i lo = _mm512_and_si512(packed, low_mask);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_mask);
+    for (int64_t c = 0; c < G / kChunk; c += 2, chunk += 128) {
+      const __m512i packed0 = _mm512_loadu_si512(chunk), packed1 = _mm512_loadu_si512(chunk + 64);
+      const __m512i lo0 = _mm512_and_si512(packed0, low_mask);
+      const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(packed0, 4), low_mask);
+      const __m512i lo1 = _mm512_and_si512(packed1, low_mask);
+      const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(packed1, 4), low_mask);
       const int64_t k = g * G + c * kChunk;
       for (int t = 0; t < T; ++t) {
         const int8_t* a = qa.values.data() + (m0 + t) * K + k;
-        dot_lo[t] = _mm512_dpbusd_epi32(dot_lo[t], lo, broadcast4(a));
-        dot_hi[t] = _mm512_dpbusd_epi32(dot_hi[t], hi, broadcast4(a + 4));
+        dot[t][0] = _mm512_dpbusd_epi32(dot[t][0], lo0, broadcast4(a));
+        dot[t][1] = _mm512_dpbusd_epi32(dot[t][1], hi0, broadcast4(a + 4));
+        dot[t][2] = _mm512_dpbusd_epi32(dot[t][2], lo1, broadcast4(a + 8));
+        dot[t][3] = _mm512_dpbusd_epi32(dot[t][3], hi1, broadcast4(a + 12));
       }
     }
     const __m512 scale = load_bf16(scales + g * 2 * kRows);
     const __m512 zero = load_bf16(scales + g * 2 * kRows + kRows);
     for (int t = 0; t < T; ++t) {
       const int64_t mg = (m0 + t) * groups + g;
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot_lo[t], dot_hi[t]));
-      const __m512 term = _mm512_fmsub_ps(dot, _mm512_set1_ps(qa.scale[mg]), _mm512_set1_ps(qa.offset[mg]));
+      const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[t][0], dot[t][1]), _mm512_add_epi32(dot[t][2], dot[t][3]));
+      const __m512 term = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(qa.scale[mg]),
+                                          _mm512_set1_ps(qa.offset[mg]));
       acc[t] = _mm512_fmadd_ps(scale, term, acc[t]);
       acc[t] = _mm512_fmadd_ps(zero, _mm512_set1_ps(qa.sum[mg]), acc[t]);
     }
@@ -160,7 +168,7 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& weights, const at
               "int4_vnni_mm: weights must be uint8 [N/16, K/8, 64]");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.dim() == 4, "int4_vnni_mm: scales must be bf16 [N/16, K/G, 2, 16]");
   const int64_t M = x.size(0), K = x.size(1), blocks = weights.size(0), N = blocks * kRows;
-  TORCH_CHECK(weights.size(1) * kChunk == K && group % kChunk == 0 && K % group == 0 &&
+  TORCH_CHECK(weights.size(1) * kChunk == K && group % (2 * kChunk) == 0 && K % group == 0 &&
                   scales.size(0) == blocks && scales.size(1) == K / group,
               "int4_vnni_mm: shapes do not match (x ", x.sizes(), ", weights ", weights.sizes(), ", scales ",
               scales.sizes(), ", group ", group, ")");
