@@ -61,3 +61,14 @@ def test_vision_tower_is_frozen():
     model = make_tiny_model("tiny_v2")
     assert not any(p.requires_grad for p in model.get_model().vision_tower.parameters())
     assert all(p.requires_grad for p in model.get_model().mm_projector.parameters())
+
+
+def test_dropping_unused_layers_keeps_the_features(pixels):
+    tower = make_tiny_model("tiny_v2", seed=4).get_model().vision_tower
+    with torch.no_grad():
+        before = tower(pixels)
+    layers = len(tower.vision_tower.vision_model.encoder.layers)
+    tower.drop_unused_layers()
+    assert len(tower.vision_tower.vision_model.encoder.layers) == tower.num_layers_used < layers
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels), before, rtol=0, atol=0)

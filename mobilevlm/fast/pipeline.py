@@ -31,6 +31,8 @@ def sample_next(logits: torch.Tensor, settings: GenerationSettings) -> int:
 class FastPipeline(Pipeline):
     def __init__(self, tokenizer, model, image_processor, context_len: int, conv_mode: str = "v1"):
         super().__init__(tokenizer, model, image_processor, context_len, conv_mode)
+        if model.is_multimodal:
+            model.get_model().vision_tower.drop_unused_layers()
         self.decoder = LeanDecoder(model, context_len)
 
     @classmethod

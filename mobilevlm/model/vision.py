@@ -43,6 +43,11 @@ class CLIPVisionTower(nn.Module):
         total = self.vision_config.num_hidden_layers
         return self.select_layer if self.select_layer >= 0 else total + 1 + self.select_layer
 
+    def drop_unused_layers(self) -> None:
+        """Frees the encoder layers after the selected one (12.6M parameters of CLIP ViT-L/14 with the default
+        second-to-last layer). For inference only: the state dict no longer has them, so do not save after it."""
+        del self.vision_tower.vision_model.encoder.layers[self.num_layers_used:]
+
     @property
     def dtype(self) -> torch.dtype:
         return self.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
