@@ -89,11 +89,13 @@ def test_checkpoints_move_between_kernels(monkeypatch, source, target):
     layer.pack()
     state = layer.state_dict()
     assert set(state) == {"qweight", "scales_and_zeros"}
+    saved = {key: value.clone() for key, value in state.items()}
     monkeypatch.setattr(int4_kernels, "selected", lambda: target)
     loaded = Int4Linear.empty(128, 256, bias=False, group_size=64)
     loaded.load_state_dict(state)
     loaded.pack()
     assert loaded.kernel is target and torch.equal(loaded.values(), values)
+    assert all(torch.equal(state[key], saved[key]) for key in state)  # packing in place left the caller's dict alone
     x = torch.randn(3, 256)
     reference = x @ layer.dequantize().float().T
     assert ((loaded(x).float() - reference).norm() / reference.norm()).item() < 0.01

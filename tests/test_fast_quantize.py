@@ -62,9 +62,11 @@ def test_int4_portable_values_survive_packing():
     torch.manual_seed(1)
     q = Int4Linear.from_linear(nn.Linear(128, 192, bias=False), 64)
     before = q.values().clone()
+    early = q.state_dict()["qweight"]  # taken before packing, which rewrites the module's copy in place
     q.pack()
     assert torch.equal(q.values(), before)
     assert torch.equal(q.state_dict()["qweight"], before[:, 0::2] | (before[:, 1::2] << 4))
+    assert torch.equal(early, before[:, 0::2] | (before[:, 1::2] << 4))
 
 
 def test_quantized_model_logits_close_to_fp32():

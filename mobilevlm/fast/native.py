@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -24,8 +25,12 @@ def build(sources: tuple[Path, ...] = SOURCES, name: str = "mobilevlm_cpu_kernel
     if not (torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()):
         return "the CPU has no AVX-512 VNNI"
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").is_file():
+            # a first build is silent for ~15 s otherwise (later runs load the cached library, or rebuild it
+            # after a source change)
+            print("mobilevlm: building the native CPU kernels (first use; ~15 s)", file=sys.stderr, flush=True)
         load(name=name, sources=[str(source) for source in sources], extra_cflags=list(_FLAGS),
              is_python_module=False)
     except Exception as error:  # a missing compiler or ninja: the maintained kernels still work

@@ -234,7 +234,8 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "qweight"] = self.portable()
+        # before packing, a copy: packing rewrites the portable tensor in place
+        destination[prefix + "qweight"] = self._portable.clone() if self._packed is None else self.portable()
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "scales_and_zeros"] = self.portable_scales()
 
@@ -249,8 +250,8 @@ class Int4Linear(nn.Module):
             if tuple(qweight.shape) != (self.out_features, self.in_features // 2) or qweight.dtype != torch.uint8:
                 error_msgs.append(f"{key}: expected uint8 {(self.out_features, self.in_features // 2)}, "
                                   f"got {qweight.dtype} {tuple(qweight.shape)}")
-            else:
-                self._portable, self._packed, self._kernel_scales = qweight, None, None
+            else:  # copied, as nn.Module copies into its tensors: packing rewrites it in place
+                self._portable, self._packed, self._kernel_scales = qweight.clone(), None, None
         else:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
