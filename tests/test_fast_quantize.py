@@ -46,6 +46,9 @@ def test_int8_packed_weight_unpacks_to_the_quantized_values():
     q.pack()
     assert torch.equal(q.state_dict()["qweight"], values)
     assert set(q.state_dict()) == {"qweight", "scales", "bias"}
+    # a partial load (strict=False, no qweight) keeps the packed weight
+    q.load_state_dict({"bias": torch.zeros(64, dtype=torch.bfloat16)}, strict=False)
+    assert torch.equal(q.int8_weight(), values)
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -67,6 +70,9 @@ def test_int4_portable_values_survive_packing():
     assert torch.equal(q.values(), before)
     assert torch.equal(q.state_dict()["qweight"], before[:, 0::2] | (before[:, 1::2] << 4))
     assert torch.equal(early, before[:, 0::2] | (before[:, 1::2] << 4))
+    scales = q.portable_scales().clone()
+    q.load_state_dict({}, strict=False)  # a partial load keeps the packed layer
+    assert torch.equal(q.values(), before) and torch.equal(q.portable_scales(), scales)
 
 
 def test_quantized_model_logits_close_to_fp32():

@@ -118,7 +118,9 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if self.qweight is None:  # packed: take the stored weight back into a buffer, to be packed again
+        if self.qweight is None and prefix + "qweight" in state_dict:
+            # packed: take the stored weight back into a buffer, to be packed again (without one, as with
+            # strict=False, the packed weight stays)
             self.qweight, self._packed = torch.empty(self.out_features, self.in_features, dtype=torch.int8), None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -242,9 +244,6 @@ class Int4Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "qweight"
-        if self.scales_and_zeros is None:  # packed: take the stored scales back into the buffer, to be packed again
-            self.scales_and_zeros = torch.empty(self.in_features // self.group_size, self.out_features, 2,
-                                                dtype=torch.bfloat16)
         if key in state_dict:
             qweight = state_dict[key]
             if tuple(qweight.shape) != (self.out_features, self.in_features // 2) or qweight.dtype != torch.uint8:
@@ -252,7 +251,10 @@ class Int4Linear(nn.Module):
                                   f"got {qweight.dtype} {tuple(qweight.shape)}")
             else:  # copied, as nn.Module copies into its tensors: packing rewrites it in place
                 self._portable, self._packed, self._kernel_scales = qweight.clone(), None, None
-        else:
+                if self.scales_and_zeros is None:  # was packed: the stored scales come back into the buffer
+                    self.scales_and_zeros = torch.empty(self.in_features // self.group_size, self.out_features, 2,
+                                                        dtype=torch.bfloat16)
+        else:  # (a partial load with strict=False keeps a packed layer as it is)
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
