@@ -18,7 +18,7 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
     scenes = T.training_scenes(0, 60)
     names = [f"{i}.png" for i in range(60)]
-    samples = T.caption_samples(scenes, names, 0) + T.instruction_samples(scenes, names, 0, [])
+    samples = T.caption_samples(scenes, names, 0) + T.instruction_samples(scenes, names, 0)
     bases.train_tokenizer(T.corpus_lines(samples), root / "tokenizer", 400)
     tower = bases.pretrain_vision_tower(scenes, root / "tokenizer", root / "clip", 0, steps=2, batch_size=4,
                                         size=TINY_TOWER, log=lambda m: None)

@@ -46,8 +46,8 @@ def test_training_data_is_deterministic():
     scenes = T.training_scenes(3, 50)
     assert scenes == T.training_scenes(3, 50)
     names = [f"img_{i}.png" for i in range(50)]
-    assert T.instruction_samples(scenes, names, 3, []) == T.instruction_samples(scenes, names, 3, [])
-    assert T.instruction_samples(scenes, names, 3, []) != T.instruction_samples(scenes, names, 4, [])
+    assert T.instruction_samples(scenes, names, 3) == T.instruction_samples(scenes, names, 3)
+    assert T.instruction_samples(scenes, names, 3) != T.instruction_samples(scenes, names, 4)
 
 
 def test_evaluation_images_never_appear_in_training(generated):
@@ -162,7 +162,7 @@ def test_mmbench_circular_copies_rotate_the_options(generated):
 
 def test_instruction_data_covers_the_benchmark_prompts_multi_turn_and_text_only():
     scenes = T.training_scenes(0, 300)
-    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(300)], 0, B.popularity_order(scenes))
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(300)], 0)
     humans = [t["value"] for s in samples for t in s["conversations"] if t["from"] == "human"]
     assert any(Q.SHORT_SUFFIX in h for h in humans) and any(Q.LETTER_SUFFIX in h for h in humans)
     assert any("Reference OCR token: " in h for h in humans) and any(h.startswith("<image>\nContext: ") for h in humans)
@@ -179,11 +179,18 @@ def test_captions_name_every_object():
     rng = random.Random(5)
     for _ in range(30):
         scene = sample_scene(rng)
-        text = caption(scene)
-        for obj in scene.objects:
-            assert f"{obj.size} {obj.color} {obj.shape}" in text
-        for word in scene.words:
-            assert f'"{word.text}" in {word.color}' in text
+        for text in (caption(scene), caption(scene, random.Random(1))):
+            for obj in scene.objects:
+                assert f"{obj.size} {obj.color} {obj.shape}" in text
+            for word in scene.words:
+                assert f'"{word.text}" in {word.color}' in text
+
+
+def test_stage_one_captions_name_the_objects_in_no_fixed_order():
+    scenes = [s for s in T.training_scenes(0, 400) if len(s.objects) == 3]
+    samples = T.caption_samples(scenes, [f"{i}.png" for i in range(len(scenes))], 0)
+    in_reading_order = sum(sample["conversations"][1]["value"] == caption(scene) for scene, sample in zip(scenes, samples))
+    assert len(scenes) > 60 and 0.05 < in_reading_order / len(scenes) < 0.35  # 1 of the 6 orders
 
 
 def _turn_pairs(sample):
@@ -193,7 +200,7 @@ def _turn_pairs(sample):
 
 def test_instruction_answers_are_balanced_so_priors_do_not_pay():
     scenes = T.training_scenes(0, 400)
-    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(400)], 0, B.popularity_order(scenes))
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(400)], 0)
     answers = [a for s in samples for q, a in _turn_pairs(s) if Q.SHORT_SUFFIX in q and a in ("yes", "no")]
     assert len(answers) > 200 and abs(answers.count("yes") / len(answers) - 0.5) < 0.05
     by_options: dict[int, list[str]] = {}
@@ -208,21 +215,43 @@ def test_instruction_answers_are_balanced_so_priors_do_not_pay():
         assert len(questions) == len(set(questions)), sample["id"]
 
 
-def test_existence_pairs_ask_a_present_and_an_absent_object_of_the_same_image():
-    scenes = [s for s in T.training_scenes(1, 300) if s.objects]
-    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(len(scenes))], 1, [], mix=T.Mix(
+def test_existence_questions_are_answered_by_the_image_not_by_their_neighbours():
+    scenes = [s for s in T.training_scenes(1, 600) if s.objects]
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(len(scenes))], 1, mix=T.Mix(
         short=0, exists=1, yes_no=0, choice=0, ocr=0, caption=0, max_groups=1))
+    by_name: dict[str, list[str]] = {}
     for scene, sample in zip(scenes, (s for s in samples if "image" in s)):
-        (q1, a1), (q2, a2) = _turn_pairs(sample)
-        assert {a1, a2} == {"yes", "no"}
-        for question, answer in ((q1, a1), (q2, a2)):
+        pairs = _turn_pairs(sample)
+        assert len(pairs) == (1 if len(scene.objects) == 1 else 2)
+        for question, answer in pairs:
             name = question.split("Is there a ")[1].split(" in the image")[0]
             assert (name in {o.name for o in scene.objects}) == (answer == "yes"), (question, answer)
+            by_name.setdefault(name, []).append(answer)
+    for name, answers in by_name.items():  # an object's name does not predict its answer
+        assert len(answers) > 20 and 0.3 < answers.count("yes") / len(answers) < 0.7, (name, answers.count("yes"), len(answers))
+
+
+def test_yes_no_answers_depend_neither_on_the_turn_nor_on_the_previous_answer():
+    scenes = T.training_scenes(0, 1500)
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(1500)], 0)
+    by_turn: dict[int, list[str]] = {}
+    follows = {"yes": [], "no": []}
+    for sample in (s for s in samples if "image" in s):
+        previous = None
+        for turn, (question, answer) in enumerate(_turn_pairs(sample)):
+            if answer not in ("yes", "no"):
+                continue
+            by_turn.setdefault(min(turn, 3), []).append(answer)
+            if previous:
+                follows[previous].append(answer)
+            previous = answer
+    for answers in list(by_turn.values()) + list(follows.values()):
+        assert len(answers) > 150 and abs(answers.count("yes") / len(answers) - 0.5) < 0.08, (by_turn, follows)
 
 
 def test_multiple_choice_turns_rotate_the_options_and_move_the_letter():
     scenes = T.training_scenes(2, 200)
-    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(200)], 2, [], mix=T.Mix(
+    samples = T.instruction_samples(scenes, [f"{i}.png" for i in range(200)], 2, mix=T.Mix(
         short=0, exists=0, yes_no=0, choice=1, ocr=0, caption=0, max_groups=1))
     for sample in (s for s in samples if "image" in s):
         chosen = []

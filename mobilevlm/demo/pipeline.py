@@ -90,11 +90,10 @@ def prepare_data(out: Path, seed: int, settings: DemoSettings) -> dict:
     """Images, stage-I / stage-II JSON and the benchmark_data tree; evaluation scenes never occur in training."""
     scenes = trainsets.training_scenes(seed, settings.train_images, settings.word_fraction)
     names = trainsets.save_images(scenes, out / "data" / "images")
-    popularity = benchmarks.popularity_order(scenes)
     captions = trainsets.caption_samples(scenes[: settings.pretrain_samples], names, seed)
     rng = random.Random(f"{seed}:finetune-order")
     order = rng.sample(range(len(scenes)), min(settings.finetune_samples, len(scenes)))
-    instructions = trainsets.instruction_samples([scenes[i] for i in order], [names[i] for i in order], seed, popularity,
+    instructions = trainsets.instruction_samples([scenes[i] for i in order], [names[i] for i in order], seed,
                                                   mix=settings.mix)
     reading = trainsets.reading_samples(scenes, seed, settings.reading_samples)
     finetune = instructions + reading[: settings.reading_in_finetune]

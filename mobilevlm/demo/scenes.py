@@ -155,13 +155,20 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
-def caption(scene: Scene) -> str:
-    """One sentence listing everything in the scene, in reading order: the stage-I and CLIP training text."""
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """One sentence listing everything in the scene, in reading order or, given `rng`, in a random order.
+
+    In a random order, naming an object's shape after its colour, or its place after both, takes finding
+    that object in the image: stage I then trains the lookup that questions about one object need, where
+    reading order could be followed without it."""
     if scene.words:
-        parts = [f'the word "{w.text}" in {w.color} at the {WORD_ROWS[w.row]}' for w in sorted(scene.words, key=lambda w: w.row)]
+        items = sorted(scene.words, key=lambda w: w.row)
+        parts = [f'the word "{w.text}" in {w.color} at the {WORD_ROWS[w.row]}' for w in items]
     else:
         ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
         parts = [f"a {o.size} {o.color} {o.shape} at the {ROWS[o.row]} {COLUMNS[o.col]}" for o in ordered]
+    if rng is not None:
+        rng.shuffle(parts)
     return "There is " + _join(parts) + "."
 
 

@@ -38,7 +38,7 @@ def caption_samples(scenes: list[Scene], names: list[str], seed: int) -> list[di
     return [
         {"id": f"pt-{i:06d}", "image": name, "conversations": [
             {"from": "human", "value": f"{rng.choice(CAPTION_PROMPTS)}\n<image>"},
-            {"from": "gpt", "value": caption(scene)},
+            {"from": "gpt", "value": caption(scene, rng)},
         ]}
         for i, (scene, name) in enumerate(zip(scenes, names))
     ]
@@ -48,10 +48,10 @@ def caption_samples(scenes: list[Scene], names: list[str], seed: int) -> list[di
 class Mix:
     """How often each kind of question group is drawn for a conversation (relative weights).
 
-    A group is one question or a contrasting pair of questions about the same image whose answers differ (a
-    present object and a near-miss absent one, both words of a two-word image, a multiple-choice question and
-    a rotation of its options), so that the answer priors are useless and only looking at the image lowers
-    the loss."""
+    A group is one question or a pair of questions about the same image (two objects, each present or a
+    near-miss absent one; a multiple-choice question and a rotation of its options). Yes/no answers are drawn
+    independently for every question, so that neither the answer priors, nor the turn position, nor the
+    previous answer predict them: only looking at the image lowers the loss."""
 
     short: float = 4.0
     exists: float = 2.0
@@ -67,43 +67,46 @@ def _groups(scene: Scene, mix: Mix) -> tuple[list[str], list[float]]:
     return kinds, [getattr(mix, kind) for kind in kinds]
 
 
-def _group(kind: str, scene: Scene, rng: random.Random, popularity: list[str]) -> list[tuple[str, str]]:
+def _group(kind: str, scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     """The (question text, answer) turns of one group, in the benchmark prompt shapes."""
     if kind == "short":
         qa = rng.choice(Q.short_questions(scene))
         return [(Q.short_prompt(qa.question), qa.answer)]
     if kind == "exists":
-        return _exists_pair(scene, rng, popularity)
+        return _exists_pair(scene, rng)
     if kind == "yes_no":
-        pair = Q.yes_no_questions(scene, rng)
-        start = 2 * rng.randrange(len(pair) // 2)
-        turns = [(Q.short_prompt(qa.question), qa.answer) for qa in pair[start: start + 2]]
-        rng.shuffle(turns)
-        return turns
+        return _yes_no_turns(scene, rng)
     if kind == "choice":
         return _choice_turns(rng.choice(Q.short_questions(scene)), rng)
     if kind == "ocr":
-        ocr = [qa for qa in Q.short_questions(scene) if qa.kind == "ocr"]
-        # Both words of a two-word image, asked the same way: the image decides which OCR token to copy.
-        by_form: dict[str, list[Q.QA]] = {}
-        for qa in ocr:
-            by_form.setdefault(qa.question.split(" written ")[-1].split()[0], []).append(qa)
-        chosen = rng.choice(list(by_form.values()))
-        rng.shuffle(chosen)
-        return [(Q.ocr_prompt(qa.question, scene), qa.answer) for qa in chosen]
+        # One of the words only: after "cat" for the top word, the bottom one would be "the other token".
+        qa = rng.choice([qa for qa in Q.short_questions(scene) if qa.kind == "ocr"])
+        return [(Q.ocr_prompt(qa.question, scene), qa.answer)]
     return [(rng.choice(CAPTION_PROMPTS), caption(scene))]
 
 
-def _exists_pair(scene: Scene, rng: random.Random, popularity: list[str]) -> list[tuple[str, str]]:
-    """A present object and an absent one, in random order; the absent one usually differs from a present
-    object in one attribute only (same shape other colour, or same colour other shape)."""
-    present = rng.choice(scene.objects)
-    strategy = rng.choice(("adversarial", "adversarial", "random", "popular"))
-    absent = Q.absent_objects(scene, strategy, rng, 3, popularity)
-    turns = [(Q.short_prompt(Q.exists_question(present.name)), "yes"),
-             (Q.short_prompt(Q.exists_question(rng.choice(absent))), "no")]
-    rng.shuffle(turns)
+def _exists_pair(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Two existence questions, each about a present object or an absent one with even odds, independently
+    (a present-then-absent pair would let the second answer be read off the first). The absent object usually
+    differs from a present one in one attribute only (same shape other colour, or same colour other shape);
+    POPE's "popular" negatives are left out, since they would make an object's name predict its answer.
+    A one-object image gets one question: a second could not be "yes" again."""
+    present = [o.name for o in scene.objects]
+    rng.shuffle(present)
+    absent = Q.absent_objects(scene, rng.choice(("adversarial", "adversarial", "random")), rng, 2)
+    turns = []
+    for _ in range(2 if len(present) > 1 else 1):
+        answer = rng.choice(("yes", "no"))
+        turns.append((Q.short_prompt(Q.exists_question((present if answer == "yes" else absent).pop())), answer))
     return turns
+
+
+def _yes_no_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """MME's yes/no questions of one or two subtasks, the yes or the no question of each at random."""
+    pairs = Q.yes_no_questions(scene, rng)
+    subtasks = rng.sample(range(len(pairs) // 2), min(rng.randint(1, 2), len(pairs) // 2))
+    chosen = [pairs[2 * k + rng.randrange(2)] for k in subtasks]
+    return [(Q.short_prompt(qa.question), qa.answer) for qa in chosen]
 
 
 def _choice_turns(qa: Q.QA, rng: random.Random) -> list[tuple[str, str]]:
@@ -132,8 +135,8 @@ def _text_only_turn(rng: random.Random) -> tuple[str, str]:
     return _choice_turns(qa, rng)[0]
 
 
-def instruction_samples(scenes: list[Scene], names: list[str], seed: int, popularity: list[str],
-                        text_only_fraction: float = 0.05, mix: Mix = Mix()) -> list[dict]:
+def instruction_samples(scenes: list[Scene], names: list[str], seed: int, text_only_fraction: float = 0.05,
+                        mix: Mix = Mix()) -> list[dict]:
     """One conversation per scene of 1 to `mix.max_groups` question groups. Most have several turns: the 144
     image tokens are the bulk of every sample, so each extra question about the same image adds supervision
     at a fraction of the compute."""
@@ -143,7 +146,7 @@ def instruction_samples(scenes: list[Scene], names: list[str], seed: int, popula
         kinds, weights = _groups(scene, mix)
         turns, asked = [], set()
         for kind in rng.choices(kinds, weights, k=rng.randint(1, mix.max_groups)):
-            group = _group(kind, scene, rng, popularity)
+            group = _group(kind, scene, rng)
             # A question asked twice could be answered from the conversation instead of the image.
             if not asked & {question for question, _ in group}:
                 turns += group
@@ -178,7 +181,7 @@ def reading_samples(scenes: list[Scene], seed: int, n: int) -> list[dict]:
             kind = rng.randrange(3)
             if kind == 0 and scene.objects:
                 turns = [(context + question.split("\n", 1)[0] + "\n" + Q.SHORT_SUFFIX, answer)
-                         for question, answer in _exists_pair(scene, rng, [])]
+                         for question, answer in _exists_pair(scene, rng)]
             elif kind == 1:
                 qa = rng.choice(Q.short_questions(scene))
                 turns = [(context + Q.short_prompt(qa.question), qa.answer)]
