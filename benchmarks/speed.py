@@ -85,7 +85,7 @@ def prepare(size: str, workdir: Path, device: str, configs: list[str]) -> None:
     from mobilevlm.config import get_preset
     from mobilevlm.fast.checkpoint import save_quantized
     from mobilevlm.fast.decoder import LeanDecoder
-    from mobilevlm.fast.quantize import quantize_model
+    from mobilevlm.fast.quantize import DEFAULT_GROUP_SIZE, quantize_model
     from mobilevlm.model.loading import load_pretrained_model
     from mobilevlm.model.mobilevlm import MobileLlamaForCausalLM
     from mobilevlm.processing import process_images
@@ -118,7 +118,9 @@ def prepare(size: str, workdir: Path, device: str, configs: list[str]) -> None:
     for mode in ("int8", "int4"):
         if f"fast-{mode}" in configs and not (root / mode / "model.safetensors").is_file():
             _, model, _, _ = load_pretrained_model(source, dtype="bfloat16")
-            save_quantized(quantize_model(model, mode), source, root / mode)
+            # the tiny model's 64-wide layers take int4 groups of 32 (the official sizes, the default 128)
+            group_size = 32 if size == "tiny" else DEFAULT_GROUP_SIZE
+            save_quantized(quantize_model(model, mode, group_size), source, root / mode)
             del model
     for outtype in ("q8_0", "q4_0"):
         if f"llama.cpp-{outtype}" in configs and not list((root / f"gguf-{outtype}").glob("*.gguf")):
