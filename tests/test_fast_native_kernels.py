@@ -143,3 +143,19 @@ def test_decode_attention_rejects_bad_shapes():
     k = torch.zeros(2, 8, 24, dtype=torch.bfloat16)  # head dim not a multiple of 16
     with pytest.raises(RuntimeError, match="shapes do not fit"):
         torch.ops.mobilevlm_attention.decode(torch.zeros(2, 24), k, k, 4, 1.0)
+
+
+@needs_native
+def test_int4_kernel_rejects_bad_arguments_instead_of_reading_past_them():
+    x, weights = torch.randn(1, 256), torch.zeros(4, 32, 64, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="scales must be"):  # 4 * 2 scales where 4 * 2 * 32 are read
+        torch.ops.mobilevlm_int4.mm(x, weights, torch.zeros(4, 2, 1, 1, dtype=torch.bfloat16), 128)
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # K % 0 would be a SIGFPE
+        torch.ops.mobilevlm_int4.mm(x, weights, torch.zeros(4, 2, 2, 16, dtype=torch.bfloat16), 0)
+
+
+@needs_native
+def test_decode_attention_rejects_an_empty_kv_cache():
+    k = torch.zeros(0, 8, 32, dtype=torch.bfloat16)  # heads % 0 would be a SIGFPE
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        torch.ops.mobilevlm_attention.decode(torch.zeros(2, 32), k, k, 4, 1.0)

@@ -27,8 +27,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.dim() == 3 &&
                   k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous(),
               "decode_attention: k and v must be contiguous bf16 [kv_heads, capacity, D]");
+  TORCH_CHECK(q.dim() == 2, "decode_attention: q must be [heads, D]");
   const int64_t heads = q.size(0), D = q.size(1), kv_heads = k.size(0), capacity = k.size(1);
-  TORCH_CHECK(q.dim() == 2 && D == k.size(2) && D % 16 == 0 && heads % kv_heads == 0 && length > 0 &&
+  TORCH_CHECK(D == k.size(2) && D % 16 == 0 && kv_heads > 0 && heads % kv_heads == 0 && length > 0 &&
                   length <= capacity,
               "decode_attention: shapes do not fit (q ", q.sizes(), ", k ", k.sizes(), ", length ", length, ")");
   const at::Tensor qf = q.to(at::kFloat).contiguous();

@@ -166,9 +166,11 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& weights, const at
   TORCH_CHECK(x.dim() == 2, "int4_vnni_mm: x must be [M, K]");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.dim() == 3 && weights.size(2) == 64,
               "int4_vnni_mm: weights must be uint8 [N/16, K/8, 64]");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.dim() == 4, "int4_vnni_mm: scales must be bf16 [N/16, K/G, 2, 16]");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.dim() == 4 && scales.size(2) == 2 &&
+                  scales.size(3) == kRows,
+              "int4_vnni_mm: scales must be bf16 [N/16, K/G, 2, 16]");
   const int64_t M = x.size(0), K = x.size(1), blocks = weights.size(0), N = blocks * kRows;
-  TORCH_CHECK(weights.size(1) * kChunk == K && group % (2 * kChunk) == 0 && K % group == 0 &&
+  TORCH_CHECK(weights.size(1) * kChunk == K && group > 0 && group % (2 * kChunk) == 0 && K % group == 0 &&
                   scales.size(0) == blocks && scales.size(1) == K / group,
               "int4_vnni_mm: shapes do not match (x ", x.sizes(), ", weights ", weights.sizes(), ", scales ",
               scales.sizes(), ", group ", group, ")");
