@@ -2,7 +2,8 @@
 int4 x int8 matrix products (`int4_kernels.VnniKernel`) and one token's attention over a bf16 KV cache
 (`LeanDecoder`). They need AVX-512 VNNI and a C++ compiler; they are built on first use with torch's extension
 builder (~15 s, cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) and loaded as torch operators.
-Where they cannot be built, or MOBILEVLM_NATIVE_KERNELS=0, torch's own kernels run instead, with a warning.
+Where they cannot be built, or MOBILEVLM_NATIVE_KERNELS=0, torch's own kernels run instead (with a warning when
+the CPU has AVX-512 VNNI but the build failed).
 """
 from __future__ import annotations
 

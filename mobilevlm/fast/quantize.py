@@ -29,6 +29,9 @@ INT8_GEMM_ROWS = 16
 _REDUCE_RANGE = not torch.cpu._is_vnni_supported()
 # Both int4 kernels pack output channels in blocks of rows (the aten one in blocks of 64).
 INT4_ROW_BLOCK = int4_kernels.ROW_BLOCK
+# The group sizes both int4 kernels take (torch's only these; the VNNI one any multiple of 16), so that a checkpoint
+# quantized on one machine runs on any other.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def _fbgemm_available() -> bool:
@@ -244,18 +247,21 @@ class Int4Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "qweight"
-        if key in state_dict:
-            qweight = state_dict[key]
-            if tuple(qweight.shape) != (self.out_features, self.in_features // 2) or qweight.dtype != torch.uint8:
-                error_msgs.append(f"{key}: expected uint8 {(self.out_features, self.in_features // 2)}, "
-                                  f"got {qweight.dtype} {tuple(qweight.shape)}")
-            else:  # copied, as nn.Module copies into its tensors: packing rewrites it in place
-                self._portable, self._packed, self._kernel_scales = qweight.clone(), None, None
-                if self.scales_and_zeros is None:  # was packed: the stored scales come back into the buffer
-                    self.scales_and_zeros = torch.empty(self.in_features // self.group_size, self.out_features, 2,
-                                                        dtype=torch.bfloat16)
-        else:  # (a partial load with strict=False keeps a packed layer as it is)
+        qweight = state_dict.get(key)
+        if qweight is not None and (tuple(qweight.shape) != (self.out_features, self.in_features // 2)
+                                    or qweight.dtype != torch.uint8):
+            error_msgs.append(f"{key}: expected uint8 {(self.out_features, self.in_features // 2)}, "
+                              f"got {qweight.dtype} {tuple(qweight.shape)}")
+            qweight = None
+        elif qweight is None:
             missing_keys.append(key)
+        if self._packed is not None and (qweight is not None or prefix + "scales_and_zeros" in state_dict):
+            # back to the portable tensors, since packing in place dropped them: a partial load (strict=False)
+            # replaces one of the two and keeps the other; the next forward packs again
+            self._portable, self.scales_and_zeros = self.portable(), self.portable_scales()
+            self._packed = self._kernel_scales = None
+        if qweight is not None:  # copied, as nn.Module copies into its tensors: packing rewrites it in place
+            self._portable = qweight.clone()
         rest = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -318,6 +324,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise MobileVLMError(f"--quantize {mode} uses CPU kernels; the model is on {device} (use --load-8bit/4bit on GPU)")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise MobileVLMError(f"int4 group size {group_size}: use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
     to_bfloat16(model)
     skipped = []
     for parent, attr, name, linear in list(quantizable_linears(model, include_vision)):
