@@ -41,7 +41,8 @@ QuantizedActivations quantize_activations(const In* x, int64_t M, int64_t K, int
   const int64_t groups = K / G;
   QuantizedActivations q{std::vector<int8_t>(M * K), std::vector<float>(M * groups),
                          std::vector<float>(M * groups), std::vector<float>(M * groups)};
-  at::parallel_for(0, M * groups, 16, [&](int64_t begin, int64_t end) {
+  // one token's groups (16-44 at 1.7B) are too little work to wake a second thread for
+  at::parallel_for(0, M * groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t mg = begin; mg < end; ++mg) {
       const In* a = x + (mg / groups) * K + (mg % groups) * G;
       int8_t* qa = q.values.data() + (mg / groups) * K + (mg % groups) * G;
