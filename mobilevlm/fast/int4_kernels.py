@@ -2,7 +2,7 @@
 
 - `VnniKernel`: int4 weights x int8 activations with AVX-512 VNNI dot products (kernels/int4_vnni.cpp, one of
   the `native` kernels, built on first use). Decoding is
-  memory-bound instead of compute-bound: 4-5x faster per matrix than aten's kernel for one token and ~3.5x for
+  memory-bound instead of compute-bound: 4.5-5.7x faster per matrix than aten's kernel for one token and 3.4-4.3x for
   a 350-token prefill, one thread (docs/speed.md), at the price of rounding activations to int8 per group
   (~0.7 % relative error per matrix, like llama.cpp's Q4_0 x Q8_0).
 - `AtenKernel`: torch's `aten._weight_int4pack_mm_for_cpu` (bf16 activations), where the native kernels are
