@@ -58,12 +58,12 @@ def test_v1_ldpnet_pipeline_runs_through_and_its_checkpoint_answers(tmp_path):
 
 @pytest.mark.slow
 def test_fast_demo_runs_end_to_end_and_learns_the_gqa_style_set(tmp_path, capsys):
-    """What the --fast demo reliably reaches (measured 2026-11-26, 1 thread on a shared machine: 10 min, GQA 62.5
-    vs chance 30, colour questions 23 of 24).
+    """What the --fast demo reliably reaches (current defaults, 1 thread on a shared machine: 642 s, GQA-style
+    62.5 vs chance 30; 52.5-62.5 over the six --fast-sized runs of the latest round, docs/demo.md).
 
-    The other sets are not reliably above chance yet (docs/demo.md: SQA-style moves between 42 and 54 from
-    run to run on its 24 image questions); `below_expectation` lists them in the summary rather than this
-    test pretending they pass."""
+    The other sets are not reliably above chance yet (docs/demo.md: the model does not find the object a
+    question names, and SQA-style moves between 25 and 54 from run to run on its 24 image questions);
+    `below_expectation` lists them in the summary rather than this test pretending they pass."""
     from mobilevlm.cli import main
     from mobilevlm.demo.report import ABOVE_CHANCE
 
