@@ -17,7 +17,9 @@ import torch
 
 SWITCH = "MOBILEVLM_NATIVE_KERNELS"
 SOURCES = tuple(Path(__file__).parent / "kernels" / name for name in ("int4_vnni.cpp", "decode_attention.cpp"))
-_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fno-math-errno")
+# -fopenmp: at::parallel_for is a header template that runs serially unless the caller is compiled with OpenMP (it
+# then uses torch's own libgomp, which has the same soname)
+_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fno-math-errno", "-fopenmp")
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,7 +34,7 @@ def build(sources: tuple[Path, ...] = SOURCES, name: str = "mobilevlm_cpu_kernel
             # a first build is silent for ~15 s otherwise (later runs load the cached library, or rebuild it
             # after a source change)
             print("mobilevlm: building the native CPU kernels (first use; ~15 s)", file=sys.stderr, flush=True)
-        load(name=name, sources=[str(source) for source in sources], extra_cflags=list(_FLAGS),
+        load(name=name, sources=[str(source) for source in sources], extra_cflags=list(_FLAGS), extra_ldflags=["-fopenmp"],
              is_python_module=False)
     except Exception as error:  # a missing compiler or ninja: the maintained kernels still work
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
