@@ -29,11 +29,8 @@ class AtenKernel:
 
     @staticmethod
     def pack(values: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # in slices of whole row blocks, so the int32 copy the packer takes stays small (260 MB for lm_head at once)
-        step = ROW_BLOCK * 64
-        weights = torch.cat([torch._convert_weight_to_int4pack_for_cpu(values[i:i + step].to(torch.int32), 1)
-                             for i in range(0, values.shape[0], step)])
-        return weights, scales_and_zeros
+        # Int4Linear.pack hands over slices of whole row blocks, so the int32 copy the packer takes stays small
+        return torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1), scales_and_zeros
 
     @staticmethod
     def unpack(weights: torch.Tensor, scales: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,13 +5,17 @@ import ctypes
 import os
 
 
+def _glibc(function: str, *args) -> None:
+    try:
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def release_freed_memory() -> None:
     """Hands freed heap back to the OS. glibc keeps freed blocks for reuse: packing a 1.7B model layer by layer
     leaves ~0.3 GB of them, an image encoding ~0.1 GB, resident and counted in RSS though never used again."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    _glibc("malloc_trim", 0)
 
 
 # Allocations from this size up are mmapped and unmapped on free. glibc's default threshold starts at 128 KiB
@@ -25,9 +29,5 @@ _M_MMAP_THRESHOLD = -3
 def limit_heap_retention() -> None:
     """Makes glibc return large freed blocks to the OS at once (process-wide; a no-op elsewhere than glibc).
     MOBILEVLM_KEEP_MALLOC_DEFAULTS=1 leaves the allocator as it is."""
-    if os.environ.get("MOBILEVLM_KEEP_MALLOC_DEFAULTS") == "1":
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, HEAP_RETENTION_LIMIT)
-    except (OSError, AttributeError):
-        pass
+    if os.environ.get("MOBILEVLM_KEEP_MALLOC_DEFAULTS") != "1":
+        _glibc("mallopt", _M_MMAP_THRESHOLD, HEAP_RETENTION_LIMIT)
