@@ -50,10 +50,14 @@ def test_prefill_and_steps_match_full_forward(fixed_shape):
     torch.testing.assert_close(decoder.prefill(decoder.embed_prompt(ids[:30], None)), full[29], atol=1e-4, rtol=1e-4)
 
 
-def test_fusion_keeps_model_weights_shared_and_unchanged():
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_fusion_keeps_model_weights_shared_and_unchanged(mode):
+    from mobilevlm.fast import native
     from mobilevlm.fast.quantize import quantize_model
 
-    model = quantize_model(make_tiny_model("tiny_llama", seed=2), "int4", group_size=32)
+    if mode == "int8" and not native.available():
+        pytest.skip("int8 weights are fused only on the native VNNI kernel")
+    model = quantize_model(make_tiny_model("tiny_llama", seed=2), mode, group_size=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     decoder = LeanDecoder(model, max_len=16)
     after = model.state_dict()

@@ -149,9 +149,9 @@ def test_decode_attention_rejects_bad_shapes():
 def test_int4_kernel_rejects_bad_arguments_instead_of_reading_past_them():
     x, weights = torch.randn(1, 256), torch.zeros(4, 32, 64, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="scales must be"):  # 4 * 2 scales where 4 * 2 * 32 are read
-        torch.ops.mobilevlm_int4.mm(x, weights, torch.zeros(4, 2, 1, 1, dtype=torch.bfloat16), 128)
+        torch.ops.mobilevlm_vnni.int4_mm(x, weights, torch.zeros(4, 2, 1, 1, dtype=torch.bfloat16), 128)
     with pytest.raises(RuntimeError, match="shapes do not match"):  # K % 0 would be a SIGFPE
-        torch.ops.mobilevlm_int4.mm(x, weights, torch.zeros(4, 2, 2, 16, dtype=torch.bfloat16), 0)
+        torch.ops.mobilevlm_vnni.int4_mm(x, weights, torch.zeros(4, 2, 2, 16, dtype=torch.bfloat16), 0)
 
 
 @needs_native

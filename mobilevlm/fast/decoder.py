@@ -15,25 +15,27 @@ from torch import nn
 from mobilevlm.errors import PromptError
 from mobilevlm.fast import native
 from mobilevlm.fast.memory import release_freed_memory
-from mobilevlm.fast.quantize import Int4Linear
+from mobilevlm.fast.quantize import Int4Linear, Int8Linear
 
 
 def fuse_linears(linears: list[nn.Module]) -> nn.Module:
     """One linear computing `cat([l(x) for l in linears], -1)`; the inputs become row views of its weight.
 
-    Only int4 linears are fused: full-precision weights loaded by transformers are often memory-mapped from the
-    checkpoint, so a fused copy would hold them twice (measured: +1.8 GB at 1.7B, and no faster), and fbgemm's
-    packed int8 weights cannot be viewed by rows."""
+    Only int4 linears and int8 ones on the VNNI kernel are fused (their layouts store whole blocks of output rows
+    one after another, so they concatenate along rows): full-precision weights loaded by transformers are often
+    memory-mapped from the checkpoint, so a fused copy would hold them twice (measured: +1.8 GB at 1.7B, and no
+    faster), and fbgemm's packed int8 weights cannot be viewed by rows."""
     kinds = {type(linear) for linear in linears}
     if len(kinds) != 1 or any(getattr(linear, "bias", None) is not None for linear in linears):
         return _Concat(linears)
     kind = kinds.pop()
+    if kind not in (Int4Linear, Int8Linear):
+        return _Concat(linears)
+    for linear in linears:
+        linear.pack()
+    sizes = [linear.out_features for linear in linears]
     if kind is Int4Linear and len({linear.group_size for linear in linears}) == 1:
-        for linear in linears:
-            linear.pack()
         kernel = linears[0].kernel
-        # Both packed layouts store whole blocks of output rows one after another, so they concatenate along rows.
-        sizes = [linear.out_features for linear in linears]
         fused = Int4Linear.from_packed(kernel, torch.cat([linear._packed for linear in linears]),
                                        torch.cat([linear._kernel_scales for linear in linears], kernel.scale_rows_dim),
                                        linears[0].group_size)
@@ -42,6 +44,14 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module:
             linear._packed = weights
             if scale_views is not None:
                 linear._kernel_scales = scale_views[index]
+        return fused
+    if kind is Int8Linear and all(linear.kernel == "vnni" for linear in linears):
+        fused = Int8Linear.from_packed(torch.cat([linear._packed for linear in linears]),
+                                       torch.cat([linear.scales for linear in linears]),
+                                       torch.cat([linear._row_sums for linear in linears]))
+        parts = zip(linears, fused._packed.split(sizes), fused.scales.split(sizes), fused._row_sums.split(sizes))
+        for linear, weights, scales, row_sums in parts:
+            linear._packed, linear.scales, linear._row_sums = weights, scales, row_sums
         return fused
     return _Concat(linears)
 
@@ -84,7 +94,7 @@ class LeanDecoder:
         self.layers = []
         for layer in inner.layers:
             self.layers.append(_Layer(layer))
-            # fusing replaced this layer's int4 weights by one copy: return the freed originals at once, or the heap
+            # fusing replaced this layer's int4 / int8 weights by one copy: return the freed originals at once, or the heap
             # grows by ~0.2 GB at 1.7B before the last layer is done
             release_freed_memory()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads

@@ -1,6 +1,6 @@
 """The two CPU kernels behind `Int4Linear`, each with its own in-memory weight layout.
 
-- `VnniKernel`: int4 weights x int8 activations with AVX-512 VNNI dot products (kernels/int4_vnni.cpp, one of
+- `VnniKernel`: int4 weights x int8 activations with AVX-512 VNNI dot products (kernels/vnni_matmul.cpp, one of
   the `native` kernels, built on first use). Decoding is
   memory-bound instead of compute-bound: 4.5-5.7x faster per matrix than aten's kernel for one token and 3.4-4.3x for
   a 350-token prefill, one thread (docs/speed.md), at the price of rounding activations to int8 per group
@@ -86,7 +86,7 @@ class VnniKernel:
     @staticmethod
     def mm(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
         out_features, in_features = weights.shape[0], weights.shape[1] * 2
-        return torch.ops.mobilevlm_int4.mm(x, weights.view(out_features // 16, in_features // 8, 64),
+        return torch.ops.mobilevlm_vnni.int4_mm(x, weights.view(out_features // 16, in_features // 8, 64),
                                            scales.view(out_features // 16, in_features // group_size, 2, 16),
                                            group_size)
 

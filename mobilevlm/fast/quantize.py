@@ -1,7 +1,8 @@
-"""Quantization of `nn.Linear` layers on torch's maintained CPU kernels.
+"""Quantization of `nn.Linear` layers for fast CPU inference.
 
-- int8: symmetric per-output-channel int8 weights; fbgemm's int8 GEMM with activations quantized per token on
-  the fly (`Int8Linear`), or weight-only `torch._weight_int8pack_mm` where fbgemm is missing.
+- int8: symmetric per-output-channel int8 weights x activations rounded to 8 bits per token on the fly: the
+  project's own AVX-512 VNNI kernel where it is built, else fbgemm's int8 GEMM (`Int8Linear`), or weight-only
+  `torch._weight_int8pack_mm` where fbgemm is missing.
 - int4: asymmetric group-wise (min/max) 4-bit weights, for every input size on one of the kernels of
   `int4_kernels`: int4 x int8 VNNI dot products (the project's own C++, built on first use) where the CPU has
   AVX-512 VNNI, else `aten._weight_int4pack_mm_for_cpu`.
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilevlm.errors import MobileVLMError
-from mobilevlm.fast import int4_kernels
+from mobilevlm.fast import int4_kernels, native
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -41,13 +42,16 @@ def _fbgemm_available() -> bool:
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + bias with q int8 [out, in] and one bf16 scale per output channel.
 
-    On x86 it runs fbgemm's int8 GEMM (`torch.ops.quantized.linear_dynamic`, VNNI dot products where the CPU has
-    them): the activations are quantized to int8 on the fly, one scale per row (token), so an outlier token does not
-    cost the others their precision. Measured against weight-only `torch._weight_int8pack_mm` (bf16 activations):
-    ~4x faster per matrix for one token and ~1.7x faster than a bf16 GEMM for a 200-token prefill, at ~1 %
-    relative error per layer from the activation rounding (docs/speed.md). The packed fbgemm weight replaces
-    `qweight` in memory; `int8_weight()` unpacks it for saving. Where fbgemm is missing (non-x86), weight-only
-    `_weight_int8pack_mm` runs instead.
+    Kernels, all rounding the activations to 8 bits per token on the fly (asymmetric, over the token's range):
+    - `vnni` (the project's own, kernels/vnni_matmul.cpp) where the native kernels are available and the shape
+      fits (out % 16, in % 4): int32 dot products on the weights reordered in place into blocks of 16 rows, so
+      that decoding streams the weights once at memory speed. Measured against fbgemm's int8 GEMM (one thread):
+      1.1-1.6x per matrix for one token, 1.2-1.5x for a 350-token prefill (docs/speed.md).
+    - `fbgemm` (`torch.ops.quantized.linear_dynamic`) on other x86 CPUs: its packed copy replaces `qweight`;
+      ~4x faster than weight-only `torch._weight_int8pack_mm` for one token, ~1.7x faster than a bf16 GEMM for a
+      200-token prefill, at ~1 % relative error per layer from the activation rounding.
+    - weight-only `torch._weight_int8pack_mm` (bf16 activations) where fbgemm is missing (non-x86).
+    `int8_weight()` gives the portable [out, in] weight back for saving.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -56,7 +60,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._packed = None
+        self.kernel: str | None = None
+        self._packed = None  # fbgemm's packed weight, or the VNNI layout [out, in] int8
+        self._row_sums: torch.Tensor | None = None  # int32 [out], VNNI only
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -73,21 +79,46 @@ class Int8Linear(nn.Module):
                    torch.empty(out_features, dtype=torch.bfloat16),
                    torch.empty(out_features, dtype=torch.bfloat16) if bias else None)
 
+    @classmethod
+    def from_packed(cls, weights: torch.Tensor, scales: torch.Tensor, row_sums: torch.Tensor) -> "Int8Linear":
+        """A layer over weights already in the VNNI layout (the lean decoder's fused projections)."""
+        layer = cls(torch.empty(0, weights.shape[1], dtype=torch.int8, device="meta"), scales, None)
+        layer.out_features, layer.qweight = weights.shape[0], None
+        layer.kernel, layer._packed, layer._row_sums = "vnni", weights, row_sums
+        return layer
+
     def pack(self) -> None:
-        """Moves the weight into fbgemm's packed layout (once, after quantizing or loading)."""
-        if self._packed is None and self.qweight is not None and _fbgemm_available():
+        """Moves the weight into the kernel's layout (once, after quantizing or loading)."""
+        if self._packed is not None or self.qweight is None:
+            return
+        if self.out_features % 16 == 0 and self.in_features % 4 == 0 and native.available():
+            weight = self.qweight
+            self._row_sums = torch.empty(self.out_features, dtype=torch.int32)
+            # in place, in slices of whole 16-row blocks (each block's bytes stay where they were), so that the
+            # staging copies (the reordered rows, and the int32 upcast the sums take) are a slice's, not the
+            # whole matrix's (the lm_head's int32 copy would be 262 MB)
+            step = 1024
+            for i in range(0, self.out_features, step):
+                rows = weight[i:i + step]
+                self._row_sums[i:i + step] = rows.sum(1, dtype=torch.int32)
+                rows.copy_(rows.reshape(-1, 16, self.in_features // 4, 4).transpose(1, 2).reshape(rows.shape))
+            self.kernel, self._packed, self.qweight = "vnni", weight, None
+        elif _fbgemm_available():
             with warnings.catch_warnings():
                 # torch 2.13 deprecates creating quantized tensors (pytorch#184982); this one exists only to hand
                 # fbgemm the weight. The project pins torch; should a later torch drop it, the fallback below runs.
                 warnings.simplefilter("ignore", UserWarning)
                 weight = torch._make_per_channel_quantized_tensor(
                     self.qweight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-            self._packed = torch.ops.quantized.linear_prepack(weight, None)
+            self.kernel, self._packed = "fbgemm", torch.ops.quantized.linear_prepack(weight, None)
             self.qweight = None
 
     def int8_weight(self) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight
+        if self.kernel == "vnni":
+            blocks = self._packed.reshape(-1, self.in_features // 4, 16, 4)
+            return blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
         return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     def dequantize(self) -> torch.Tensor:
@@ -96,7 +127,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.pack()
         shape = x.shape
-        if self._packed is not None:
+        if self.kernel == "vnni":
+            x2 = x.reshape(-1, shape[-1])
+            weights = self._packed.view(self.out_features // 16, self.in_features // 4, 64)
+            y = torch.ops.mobilevlm_vnni.int8_mm(x2, weights, self.scales, self._row_sums)
+        elif self.kernel == "fbgemm":
             x2 = x.reshape(-1, shape[-1]).float()
             if x2.shape[0] == 1:
                 y = torch.ops.quantized.linear_dynamic(x2, self._packed, _REDUCE_RANGE)
@@ -124,12 +159,14 @@ class Int8Linear(nn.Module):
         if self.qweight is None and prefix + "qweight" in state_dict:
             # packed: take the stored weight back into a buffer, to be packed again (without one, as with
             # strict=False, the packed weight stays)
-            self.qweight, self._packed = torch.empty(self.out_features, self.in_features, dtype=torch.int8), None
+            self.qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+            self.kernel = self._packed = self._row_sums = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        kernel = f", kernel={self.kernel}" if self.kernel else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel{kernel}"
 
 
 class Int4Linear(nn.Module):
