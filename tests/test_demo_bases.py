@@ -38,7 +38,7 @@ def test_tokenizer_is_llama_style(parts):
     assert tokenizer.convert_ids_to_tokens(tokenizer("a\nb").input_ids)[2] == "<0x0A>"
 
 
-def test_vision_tower_is_a_clip_vision_directory_with_the_demo_grid(parts):
+def test_vision_tower_is_a_clip_vision_directory_with_the_official_grid(parts):
     from transformers import CLIPVisionModel
 
     from mobilevlm.processing import build_image_processor
@@ -47,11 +47,11 @@ def test_vision_tower_is_a_clip_vision_directory_with_the_demo_grid(parts):
 
     clip_dir = parts[0] / "clip"
     tower = CLIPVisionModel.from_pretrained(clip_dir)
-    assert tower.config.image_size // tower.config.patch_size == 12  # 8-pixel patches: 36 tokens after LDPv2
+    assert tower.config.image_size // tower.config.patch_size == 24
     processor = build_image_processor(96, clip_dir)
     pixels = processor([render(sample_shapes(random.Random(0)))], return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 96, 96)
-    assert tower(pixel_values=pixels).last_hidden_state.shape == (1, 145, TINY_TOWER.hidden)
+    assert tower(pixel_values=pixels).last_hidden_state.shape == (1, 577, TINY_TOWER.hidden)
     assert json.loads((clip_dir / "config.json").read_text())["model_type"] == "clip_vision_model"
 
 

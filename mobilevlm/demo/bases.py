@@ -33,10 +33,6 @@ class TowerSize:
     heads: int = 4
     text_hidden: int = 64
     text_layers: int = 2
-    # 8-pixel patches: a 12x12 grid, 36 image tokens after the LDPv2 projector's 2x2 pooling. With the
-    # official 24x24 grid (144 tokens) the image tokens were most of every sample's cost; with 36 a stage-II
-    # update takes about 0.6x the time and the yes/no lookup is learned as well (docs/demo.md, the probe).
-    patch: int = 8
 
 
 @dataclass(frozen=True)
@@ -46,9 +42,6 @@ class LlmSize:
     heads: int = 4
     intermediate: int = 352
     max_positions: int = 512
-    # Weights drawn with std ~1/sqrt(hidden) instead of LLaMA's 0.02: sharper initial attention for a 128-wide
-    # model (the context lookup was learned with it, docs/demo.md).
-    init_std: float = 0.08
 
 
 def _chat_lines() -> list[str]:
@@ -94,7 +87,7 @@ def _pixels(scenes: list[Scene]) -> torch.Tensor:
 def _clip_model(vocab_size: int, size: TowerSize, max_text: int):
     from transformers import CLIPConfig, CLIPModel
 
-    vision = dict(image_size=IMAGE_SIZE, patch_size=size.patch, hidden_size=size.hidden, intermediate_size=4 * size.hidden,
+    vision = dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=size.hidden, intermediate_size=4 * size.hidden,
                   num_hidden_layers=size.layers, num_attention_heads=size.heads, hidden_act="quick_gelu")
     # Text ids are SentencePiece ids plus one extra id used as end-of-text (CLIP pools at the first EOS; the
     # SentencePiece EOS id 2 would select HF's legacy argmax pooling instead).
@@ -151,7 +144,7 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
     model = _clip_model(eot, size, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     rng = random.Random(f"{seed}:clip")
-    grid = IMAGE_SIZE // size.patch
+    grid = IMAGE_SIZE // 4
     start, losses = time.time(), []
     for step in range(steps):
         batch = [scenes[i] for i in rng.sample(range(len(scenes)), batch_size)]
@@ -192,7 +185,7 @@ def pretrain_language_model(texts: list[str], tokenizer_dir: Path, out_dir: Path
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
                          num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
                          max_position_embeddings=size.max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=size.init_std)
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
