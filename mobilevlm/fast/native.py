@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 SWITCH = "MOBILEVLM_NATIVE_KERNELS"
-SOURCES = tuple(Path(__file__).parent / "kernels" / name for name in ("vnni_matmul.cpp", "decode_attention.cpp"))
+SOURCES = tuple(Path(__file__).parent / "kernels" / name for name in ("vnni_matmul.cpp", "decode_attention.cpp", "spin_pool.cpp"))
 # -fopenmp: at::parallel_for is a header template that runs serially unless the caller is compiled with OpenMP (it
 # then uses torch's own libgomp, which has the same soname)
 _FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fno-math-errno", "-fopenmp")

@@ -11,7 +11,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <functional>
 #include <vector>
+
+void mobilevlm_parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);  // spin_pool.cpp
 
 namespace {
 
@@ -39,7 +42,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const at::BFloat16* vp = v.data_ptr<at::BFloat16>();
   float* op = out.data_ptr<float>();
   const int64_t group = heads / kv_heads, vectors = D / 16;
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+  mobilevlm_parallel_for(heads, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(length);
     std::vector<__m512> query(vectors), acc(vectors);
     for (int64_t h = begin; h < end; ++h) {

@@ -37,7 +37,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
+
+void mobilevlm_parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);  // spin_pool.cpp
 
 namespace {
 
@@ -172,7 +175,7 @@ template <typename Out>
 void run_blocks(const uint8_t* wp, const uint16_t* sp, const QuantizedActivations& qa, int64_t M, int64_t K,
                 int64_t G, int64_t blocks, Out* yp) {
   const int64_t N = blocks * kRows, block_bytes = (K / kChunk) * 64, block_scales = (K / G) * 2 * kRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  mobilevlm_parallel_for(blocks, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* wb = wp + b * block_bytes;
       const uint16_t* sb = sp + b * block_scales;
@@ -320,7 +323,7 @@ template <typename Out>
 void run_blocks8(const int8_t* wp, const uint16_t* sp, const int32_t* rp, const TokenBytes& qa, int64_t M, int64_t K,
                  int64_t blocks, Out* yp) {
   const int64_t N = blocks * kRows, block_bytes = K * kRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  mobilevlm_parallel_for(blocks, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int8_t* wb = wp + b * block_bytes;
       const uint16_t* sb = sp + b * kRows;
