@@ -1,7 +1,8 @@
 """The project's own CPU kernels (kernels/*.cpp), for what torch's maintained kernels do slowly on a CPU:
-int4 x int8 matrix products (`int4_kernels.VnniKernel`) and one token's attention over a bf16 KV cache
-(`LeanDecoder`). They need AVX-512 VNNI and a C++ compiler; they are built on first use with torch's extension
-builder (~15 s, cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) and loaded as torch operators.
+int4 x int8 and int8 x int8 matrix products (`int4_kernels.VnniKernel`, `Int8Linear`) and one token's attention
+over a bf16 KV cache (`LeanDecoder`), on a worker pool of their own (spin_pool.cpp). They need AVX-512 VNNI and
+a C++ compiler; they are built on first use with torch's extension builder (~15 s, cached under
+~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) and loaded as torch operators.
 Where they cannot be built, or MOBILEVLM_NATIVE_KERNELS=0, torch's own kernels run instead (with a warning when
 the CPU has AVX-512 VNNI but the build failed).
 """
