@@ -46,7 +46,7 @@ class Int8Linear(nn.Module):
     - `vnni` (the project's own, kernels/vnni_matmul.cpp) where the native kernels are available and the shape
       fits (out % 16, in % 4): int32 dot products on the weights reordered in place into blocks of 16 rows, so
       that decoding streams the weights once at memory speed. Measured against fbgemm's int8 GEMM (one thread):
-      1.1-1.6x per matrix for one token, 1.2-1.5x for a 350-token prefill (docs/speed.md).
+      1.1-1.6x per matrix for one token, about as fast for a 350-token prefill (docs/speed.md).
     - `fbgemm` (`torch.ops.quantized.linear_dynamic`) on other x86 CPUs: its packed copy replaces `qweight`;
       ~4x faster than weight-only `torch._weight_int8pack_mm` for one token, ~1.7x faster than a bf16 GEMM for a
       200-token prefill, at ~1 % relative error per layer from the activation rounding.

@@ -35,9 +35,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 void mobilevlm_parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);  // spin_pool.cpp
@@ -117,6 +119,34 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// Calls tile(std::integral_constant<int, T>{}, m) for consecutive token tiles [m, m + T) covering [0, M): tiles of
+// Largest tokens, then one of 4 where Largest is larger, then the remainder.
+template <int Largest, typename Tile>
+void token_tiles(int64_t M, const Tile& tile) {
+  int64_t m = 0;
+  for (; m + Largest <= M; m += Largest) tile(std::integral_constant<int, Largest>{}, m);
+  if constexpr (Largest > 4) {
+    if (M - m >= 4) {
+      tile(std::integral_constant<int, 4>{}, m);
+      m += 4;
+    }
+  }
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>{}, m); break;
+    case 2: tile(std::integral_constant<int, 2>{}, m); break;
+    case 1: tile(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Where each token of the tile starting at token m writes the 16 outputs of the block starting at channel n0.
+template <int T, typename Out>
+std::array<Out*, T> tile_outputs(Out* y, int64_t N, int64_t m, int64_t n0) {
+  std::array<Out*, T> out;
+  for (int t = 0; t < T; ++t) out[t] = y + (m + t) * N + n0;
+  return out;
+}
+
 // T tokens against one block of 16 rows: out[t][0..15] = the 16 outputs of token t.
 template <int T, typename Out>
 void block_tokens(const uint8_t* weights, const uint16_t* scales, const QuantizedActivations& qa,
@@ -163,14 +193,6 @@ void block_tokens(const uint8_t* weights, const uint16_t* scales, const Quantize
 
 constexpr int kTokenTile = 4;
 
-template <int T, typename Out>
-void run_tile(const uint8_t* w, const uint16_t* s, const QuantizedActivations& qa, int64_t m0, int64_t K, int64_t G,
-              Out* y, int64_t N, int64_t n0) {
-  Out* out[T];
-  for (int t = 0; t < T; ++t) out[t] = y + (m0 + t) * N + n0;
-  block_tokens<T, Out>(w, s, qa, m0, K, G, out);
-}
-
 template <typename Out>
 void run_blocks(const uint8_t* wp, const uint16_t* sp, const QuantizedActivations& qa, int64_t M, int64_t K,
                 int64_t G, int64_t blocks, Out* yp) {
@@ -179,14 +201,10 @@ void run_blocks(const uint8_t* wp, const uint16_t* sp, const QuantizedActivation
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* wb = wp + b * block_bytes;
       const uint16_t* sb = sp + b * block_scales;
-      int64_t m = 0;
-      for (; m + kTokenTile <= M; m += kTokenTile) run_tile<kTokenTile>(wb, sb, qa, m, K, G, yp, N, b * kRows);
-      switch (M - m) {
-        case 3: run_tile<3>(wb, sb, qa, m, K, G, yp, N, b * kRows); break;
-        case 2: run_tile<2>(wb, sb, qa, m, K, G, yp, N, b * kRows); break;
-        case 1: run_tile<1>(wb, sb, qa, m, K, G, yp, N, b * kRows); break;
-        default: break;
-      }
+      token_tiles<kTokenTile>(M, [&](auto tokens, int64_t m) {
+        constexpr int T = decltype(tokens)::value;
+        block_tokens<T, Out>(wb, sb, qa, m, K, G, tile_outputs<T>(yp, N, m, b * kRows).data());
+      });
     }
   });
 }
@@ -311,14 +329,6 @@ void block_tokens8(const int8_t* weights, const uint16_t* scales, const int32_t*
   }
 }
 
-template <int T, typename Out>
-void run_tile8(const int8_t* w, const uint16_t* s, const int32_t* r, const TokenBytes& qa, int64_t m0, int64_t K,
-               Out* y, int64_t N, int64_t n0) {
-  Out* out[T];
-  for (int t = 0; t < T; ++t) out[t] = y + (m0 + t) * N + n0;
-  block_tokens8<T, (T > 4 ? 2 : 4), Out>(w, s, r, qa, m0, K, out);
-}
-
 template <typename Out>
 void run_blocks8(const int8_t* wp, const uint16_t* sp, const int32_t* rp, const TokenBytes& qa, int64_t M, int64_t K,
                  int64_t blocks, Out* yp) {
@@ -328,18 +338,10 @@ void run_blocks8(const int8_t* wp, const uint16_t* sp, const int32_t* rp, const 
       const int8_t* wb = wp + b * block_bytes;
       const uint16_t* sb = sp + b * kRows;
       const int32_t* rb = rp + b * kRows;
-      int64_t m = 0;
-      for (; m + kTokenTile8 <= M; m += kTokenTile8) run_tile8<kTokenTile8>(wb, sb, rb, qa, m, K, yp, N, b * kRows);
-      if (M - m >= 4) {
-        run_tile8<4>(wb, sb, rb, qa, m, K, yp, N, b * kRows);
-        m += 4;
-      }
-      switch (M - m) {
-        case 3: run_tile8<3>(wb, sb, rb, qa, m, K, yp, N, b * kRows); break;
-        case 2: run_tile8<2>(wb, sb, rb, qa, m, K, yp, N, b * kRows); break;
-        case 1: run_tile8<1>(wb, sb, rb, qa, m, K, yp, N, b * kRows); break;
-        default: break;
-      }
+      token_tiles<kTokenTile8>(M, [&](auto tokens, int64_t m) {
+        constexpr int T = decltype(tokens)::value;
+        block_tokens8<T, (T > 4 ? 2 : 4), Out>(wb, sb, rb, qa, m, K, tile_outputs<T>(yp, N, m, b * kRows).data());
+      });
     }
   });
 }
