@@ -22,7 +22,7 @@ def parts(tmp_path_factory):
     bases.train_tokenizer(T.corpus_lines(samples), root / "tokenizer", 400)
     tower = bases.pretrain_vision_tower(scenes, root / "tokenizer", root / "clip", 0, steps=2, batch_size=4,
                                         size=TINY_TOWER, log=lambda m: None)
-    llm = bases.pretrain_language_model(bases.chat_texts(samples), root / "tokenizer", root / "llm", 0, steps=40,
+    llm = bases.pretrain_language_model(T.reading_samples(scenes, 0, 60), root / "tokenizer", root / "llm", 0, steps=40,
                                         batch_size=8, size=TINY_LLM, log=lambda m: None)
     return root, tower, llm
 
@@ -80,3 +80,34 @@ def test_region_features_average_the_covered_patches():
     patches = torch.arange(24 * 24, dtype=torch.float).view(1, 24, 24, 1)
     feats = bases._region_features(patches, [(0, (0, 0, 8, 4))])  # pixels 0-8 x 0-4 = patches (0, 0..1)
     assert feats.item() == pytest.approx((0 + 1) / 2)
+
+
+class _Oracle:
+    """A stand-in language model whose yes-no margin is +1 when the asked object is in the context, -1 if not
+    (times `sign`), or 0 for every question: the lookup check must score it 1, 0 and 0.5."""
+
+    def __init__(self, tokenizer, sign: float):
+        self.tokenizer, self.sign = tokenizer, sign
+        self.yes, self.no = (tokenizer(w, add_special_tokens=False).input_ids[-1] for w in ("yes", "no"))
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids):
+        text = self.tokenizer.decode(input_ids[0])
+        context, question = text.split("Context:")[1].split("Is there a ")
+        name = question.split(" in the image")[0]
+        colour, shape = name.split()
+        present = any(f"{colour} {shape}" in part for part in context.replace(" and ", ", ").split(", "))
+        logits = torch.zeros(1, input_ids.shape[1], len(self.tokenizer))
+        logits[0, -1, self.yes] = self.sign * (1.0 if present else -1.0)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_context_lookup_check_scores_a_perfect_an_inverted_and_a_blind_model(parts):
+    from mobilevlm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(parts[0] / "tokenizer")
+    scores = [bases.context_lookup_auc(_Oracle(tokenizer, sign), tokenizer, 0, scenes=8) for sign in (1.0, -1.0, 0.0)]
+    assert scores == [1.0, 0.0, 0.5]
+    assert 0.0 <= parts[2]["context_lookup_auc"] <= 1.0

@@ -24,6 +24,8 @@ from mobilevlm.processing import save_clip_preprocessor_config
 Log = Callable[[str], None]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# 4-pixel patches on 96-pixel images: the official 24x24 grid, which llama.cpp's LDP / LDPv2 graphs hard-code.
+PATCH = 4
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,13 @@ class LlmSize:
     heads: int = 4
     intermediate: int = 352
     max_positions: int = 512
+    # Pre-training loss = next-token loss on every token + this times the loss on the assistant's answers alone.
+    # The answers are ~3 % of the tokens; with every token weighted alike the context lookup they need did not
+    # appear within the demo's budget, with the answers alone (SFT's mask) neither (docs/demo.md).
+    answer_weight: float = 1.0
+    # Weights drawn with std ~1/sqrt(hidden) instead of LLaMA's 0.02: sharper initial attention for a 128-wide
+    # model (the context lookup was learned with it, docs/demo.md).
+    init_std: float = 0.08
 
 
 def _chat_lines() -> list[str]:
@@ -87,7 +96,7 @@ def _pixels(scenes: list[Scene]) -> torch.Tensor:
 def _clip_model(vocab_size: int, size: TowerSize, max_text: int):
     from transformers import CLIPConfig, CLIPModel
 
-    vision = dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=size.hidden, intermediate_size=4 * size.hidden,
+    vision = dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=size.hidden, intermediate_size=4 * size.hidden,
                   num_hidden_layers=size.layers, num_attention_heads=size.heads, hidden_act="quick_gelu")
     # Text ids are SentencePiece ids plus one extra id used as end-of-text (CLIP pools at the first EOS; the
     # SentencePiece EOS id 2 would select HF's legacy argmax pooling instead).
@@ -144,7 +153,7 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
     model = _clip_model(eot, size, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     rng = random.Random(f"{seed}:clip")
-    grid = IMAGE_SIZE // 4
+    grid = IMAGE_SIZE // PATCH
     start, losses = time.time(), []
     for step in range(steps):
         batch = [scenes[i] for i in rng.sample(range(len(scenes)), batch_size)]
@@ -172,20 +181,23 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
             "seconds": time.time() - start}
 
 
-def pretrain_language_model(texts: list[str], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
+def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
                             batch_size: int = 16, lr: float = 3e-3, size: LlmSize = LlmSize(), log: Log = print) -> dict:
-    """Next-token training of a tiny LLaMA on chat-formatted text; saved with its tokenizer as a LLaMA checkpoint."""
+    """Next-token training of a tiny LLaMA on text-only conversations in the vicuna-v1 chat template (the
+    stand-in for MobileLLaMA-Chat, answers weighted up: `LlmSize.answer_weight`); saved with its tokenizer as a
+    LLaMA checkpoint. Returns its losses, time and the context-lookup AUC of `context_lookup_auc`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mobilevlm.tokenizer import load_tokenizer, save_tokenizer_files
+    from mobilevlm.train.preprocess import preprocess
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_dir)
-    encoded = [tokenizer(text).input_ids[: size.max_positions] for text in texts]
+    encoded = [preprocess("v1", sample["conversations"], tokenizer, False, size.max_positions) for sample in samples]
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
                          num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
                          max_position_embeddings=size.max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=size.init_std)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -193,13 +205,17 @@ def pretrain_language_model(texts: list[str], tokenizer_dir: Path, out_dir: Path
     start, losses = time.time(), []
     for step in range(steps):
         batch = [encoded[i] for i in rng.sample(range(len(encoded)), batch_size)]
-        width = max(len(ids) for ids in batch)
+        width = max(len(item.input_ids) for item in batch)
         ids = torch.zeros((batch_size, width), dtype=torch.long)
-        labels = torch.full((batch_size, width), -100)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, : len(seq)] = torch.tensor(seq)
-        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        text = torch.full((batch_size, width), -100)
+        answers = torch.full((batch_size, width), -100)
+        for row, item in enumerate(batch):
+            ids[row, : len(item.input_ids)] = item.input_ids
+            text[row, : len(item.input_ids)] = item.input_ids
+            answers[row, : len(item.labels)] = item.labels
+        logits = model(input_ids=ids, attention_mask=(text != -100).long()).logits[:, :-1].flatten(0, 1)
+        answer_loss = F.cross_entropy(logits, answers[:, 1:].flatten(), reduction="sum") / answers.ne(-100).sum().clamp(min=1)
+        loss = F.cross_entropy(logits, text[:, 1:].flatten()) + size.answer_weight * answer_loss
         losses.append(_optimizer_step(optimizer, loss, step, steps, lr))
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
             log(f"llm step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
@@ -207,19 +223,38 @@ def pretrain_language_model(texts: list[str], tokenizer_dir: Path, out_dir: Path
     model.save_pretrained(out_dir)
     (out_dir / "tokenizer.model").write_bytes((Path(tokenizer_dir) / "tokenizer.model").read_bytes())
     save_tokenizer_files(out_dir)
+    seconds = time.time() - start
+    lookup = context_lookup_auc(model, tokenizer, seed)
+    log(f"llm context lookup: AUC {lookup:.3f} on held-out existence questions (0.5 = chance)")
     return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "seconds": time.time() - start}
+            "seconds": seconds, "context_lookup_auc": lookup}
 
 
-def chat_texts(samples: list[dict]) -> list[str]:
-    """The instruction samples as text-only v1 chats (image tags dropped): the language model's pre-training text."""
+@torch.no_grad()
+def context_lookup_auc(model, tokenizer, seed: int, scenes: int = 60) -> float:
+    """How well the language model answers "Is there a <colour> <shape>?" from a "Context:" caption: the ranking
+    of logit("yes") - logit("no") against the truth (AUC; 0.5 = chance) on 3-object scenes with two present and
+    two absent objects, as the POPE-style set asks. The skill the image questions need, measured in text."""
     from mobilevlm.conversation import get_conv_template
+    from mobilevlm.demo import questions as Q
+    from mobilevlm.demo.scenes import sample_shapes
 
-    texts = []
-    for sample in samples:
-        conv = get_conv_template("v1")
-        for turn in sample["conversations"]:
-            role = conv.roles[0] if turn["from"] == "human" else conv.roles[1]
-            conv.append_message(role, turn["value"].replace("<image>", "").strip())
-        texts.append(conv.get_prompt())
-    return texts
+    rng = random.Random(f"{seed}:lookup-check")
+    yes, no = (tokenizer(word, add_special_tokens=False).input_ids[-1] for word in ("yes", "no"))
+    model.eval()
+    scored = []
+    for _ in range(scenes):
+        scene = sample_shapes(rng, count=3)
+        context = f"Context: {caption(scene, rng)}\n"
+        names = [(o.name, True) for o in rng.sample(scene.objects, 2)]
+        names += [(name, False) for name in Q.absent_objects(scene, rng.choice(("adversarial", "random")), rng, 2)]
+        for name, present in names:
+            conv = get_conv_template("v1")
+            conv.append_message(conv.roles[0], context + Q.short_prompt(Q.exists_question(name)))
+            conv.append_message(conv.roles[1], None)
+            logits = model(input_ids=tokenizer(conv.get_prompt(), return_tensors="pt").input_ids).logits[0, -1]
+            scored.append((float(logits[yes] - logits[no]), present))
+    positives = [score for score, present in scored if present]
+    negatives = [score for score, present in scored if not present]
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mobilevlm.demo import questions as Q
-from mobilevlm.demo.scenes import WORD_ROWS, Scene, caption, render, sample_scene
+from mobilevlm.demo.scenes import COLORS, SHAPES, WORD_ROWS, Scene, caption, render, sample_scene
 
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in the picture?", "Give a short description of the image.")
 
@@ -54,7 +54,7 @@ class Mix:
     previous answer predict them: only looking at the image lowers the loss."""
 
     short: float = 4.0
-    exists: float = 2.0
+    exists: float = 3.0
     yes_no: float = 1.5
     choice: float = 1.5
     ocr: float = 3.0
@@ -73,7 +73,7 @@ def _group(kind: str, scene: Scene, rng: random.Random) -> list[tuple[str, str]]
         qa = rng.choice(Q.short_questions(scene))
         return [(Q.short_prompt(qa.question), qa.answer)]
     if kind == "exists":
-        return _exists_pair(scene, rng)
+        return _exists_turns(scene, rng)
     if kind == "yes_no":
         return _yes_no_turns(scene, rng)
     if kind == "choice":
@@ -85,20 +85,41 @@ def _group(kind: str, scene: Scene, rng: random.Random) -> list[tuple[str, str]]
     return [(rng.choice(CAPTION_PROMPTS), caption(scene))]
 
 
-def _exists_pair(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """Two existence questions, each about a present object or an absent one with even odds, independently
-    (a present-then-absent pair would let the second answer be read off the first). The absent object usually
-    differs from a present one in one attribute only (same shape other colour, or same colour other shape);
-    POPE's "popular" negatives are left out, since they would make an object's name predict its answer.
-    A one-object image gets one question: a second could not be "yes" again."""
-    present = [o.name for o in scene.objects]
-    rng.shuffle(present)
-    absent = Q.absent_objects(scene, rng.choice(("adversarial", "adversarial", "random")), rng, 2)
-    turns = []
-    for _ in range(2 if len(present) > 1 else 1):
+def _exists_turns(scene: Scene, rng: random.Random, turns: int = 6) -> list[tuple[str, str]]:
+    """Up to `turns` existence questions about one image, every answer drawn on its own (yes or no with even
+    odds): about an object ("a red circle"), a colour ("a red object") or a shape ("a circle"). Negatives are
+    near misses (sharing a colour or a shape with a present object) or random; POPE's "popular" negatives are
+    left out, since they would make an object's name predict its answer. A question whose answer follows from
+    an earlier answer is never asked (no "red object" after "red circle: yes", no "red star" after "star: no"),
+    and the questions stop as soon as one answer has none left, so no turn can be read off another.
+    Many independent questions per image are what make the lookup learnable in the demo's budget: the image
+    tokens are most of a sample's cost and each extra question adds little to it (docs/demo.md)."""
+    colors = sorted({o.color for o in scene.objects})
+    shapes = sorted({o.shape for o in scene.objects})  # sorted sets: each question once, in a reproducible order
+    yes = [(o.name, {o.color, o.shape}) for o in scene.objects]
+    yes += [(f"{c} object", {c}) for c in colors] + [(s, {s}) for s in shapes]
+    no = [(name, set(name.split())) for name in Q.absent_objects(scene, rng.choice(("adversarial", "adversarial", "random")), rng, 6)]
+    no += [(f"{c} object", {c}) for c in COLORS if c not in colors] + [(s, {s}) for s in SHAPES if s not in shapes]
+    rng.shuffle(yes)
+    rng.shuffle(no)
+    confirmed: set[str] = set()  # attributes of objects answered "yes": a colour or shape question on them is entailed
+    denied: set[str] = set()  # colours / shapes answered "no": an object with one of them is entailed "no"
+    out = []
+    for _ in range(turns):
+        yes[:] = [(name, words) for name, words in yes if not (len(words) == 1 and words <= confirmed)]
+        no[:] = [(name, words) for name, words in no if not words & denied]
+        # Stop before drawing when either answer has no question left: stopping only when the drawn answer
+        # has none would make "no" likelier after the "yes" questions ran out (a readable pattern).
+        if not yes or not no:
+            break
         answer = rng.choice(("yes", "no"))
-        turns.append((Q.short_prompt(Q.exists_question((present if answer == "yes" else absent).pop())), answer))
-    return turns
+        name, words = (yes if answer == "yes" else no).pop()
+        if answer == "yes" and len(words) == 2:
+            confirmed |= words
+        elif answer == "no" and len(words) == 1:
+            denied |= words
+        out.append((Q.short_prompt(Q.exists_question(name)), answer))
+    return out
 
 
 def _yes_no_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
@@ -163,34 +184,44 @@ def instruction_samples(scenes: list[Scene], names: list[str], seed: int, text_o
     return samples
 
 
+# What the language model's pre-training text is made of (relative weights). The context lookup is the skill the
+# tiny LLaMA lacks and the one every object question needs; it appears from lookup-dense text (several
+# independent existence questions per context) and did not from a mix where half the samples were other kinds.
+READING_KINDS = {"exists": 0.8, "short": 0.07, "choice": 0.05, "ocr": 0.08}
+
+
 def reading_samples(scenes: list[Scene], seed: int, n: int) -> list[dict]:
     """Text-only conversations in the benchmark prompt shapes whose answer follows from the text itself: the
-    scene's caption as a "Context:" line, or the OCR tokens (listed in reading order) for "at the top / bottom".
-    They teach the language model the skills the image questions need besides seeing: copying an OCR token,
-    mapping an option to its letter, checking an object against a list, before the image has to supply the facts."""
+    scene's caption (objects in a random order) as a "Context:" line, or the OCR tokens (listed in reading
+    order) for "at the top / bottom". They teach the language model the skills the image questions need
+    besides seeing, before the image has to supply the facts: above all looking up the object a question names
+    (most samples: several independent existence questions against the context), also copying an OCR token
+    and mapping an option to its letter. Stage I / II then carry the lookup over to the image tokens."""
     rng = random.Random(f"{seed}:reading")
+    shapes = [scene for scene in scenes if scene.objects]
+    two_words = [scene for scene in scenes if len(scene.words) == 2]
+    kinds = [kind for kind in READING_KINDS if kind != "ocr" or two_words]
     samples = []
     while len(samples) < n:
-        scene = rng.choice(scenes)
-        context = f"Context: {caption(scene)}\n"
-        if scene.words and len(scene.words) == 2:
+        kind = rng.choices(kinds, [READING_KINDS[k] for k in kinds])[0]
+        if kind == "ocr":
+            scene = rng.choice(two_words)
             word = rng.choice(scene.words)
-            question = f"What word is written at the {WORD_ROWS[word.row]}?"
-            turns = [(Q.ocr_prompt(question, scene), word.text)]
+            turns = [(Q.ocr_prompt(f"What word is written at the {WORD_ROWS[word.row]}?", scene), word.text)]
         else:
-            kind = rng.randrange(3)
-            if kind == 0 and scene.objects:
-                turns = [(context + question.split("\n", 1)[0] + "\n" + Q.SHORT_SUFFIX, answer)
-                         for question, answer in _exists_pair(scene, rng)]
-            elif kind == 1:
+            scene = rng.choice(shapes)
+            context = f"Context: {caption(scene, rng)}\n"
+            if kind == "exists":
+                turns = [(context + question, answer) for question, answer in _exists_turns(scene, rng)]
+            elif kind == "short":
                 qa = rng.choice(Q.short_questions(scene))
                 turns = [(context + Q.short_prompt(qa.question), qa.answer)]
             else:
                 turns = [(context + question, answer) for question, answer in _choice_turns(rng.choice(Q.short_questions(scene)), rng)]
+            # the context is given once, as ScienceQA gives it
+            turns = turns[:1] + [(question.removeprefix(context), answer) for question, answer in turns[1:]]
         conversations = []
-        for j, (question, answer) in enumerate(turns):
-            if j:  # the context is given once, as ScienceQA gives it
-                question = question.removeprefix(context)
+        for question, answer in turns:
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         samples.append({"id": f"read-{len(samples):06d}", "conversations": conversations})
     return samples
