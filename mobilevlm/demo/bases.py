@@ -204,6 +204,7 @@ def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: P
     rng = random.Random(f"{seed}:llm")
     start, losses = time.time(), []
     for step in range(steps):
+        # Random batches: batches grouped by length (a quarter less padding) never learned the lookup (docs/demo.md).
         batch = [encoded[i] for i in rng.sample(range(len(encoded)), batch_size)]
         width = max(len(item.input_ids) for item in batch)
         ids = torch.zeros((batch_size, width), dtype=torch.long)

@@ -19,6 +19,9 @@ def format_summary(summary: dict) -> str:
     for name, seconds in summary["phases"].items():
         lines.append(f"  {name:<45} {seconds:7.0f} s")
     lines.append(f"  {'total':<45} {summary['total_seconds']:7.0f} s")
+    lookup = summary.get("llm", {}).get("context_lookup_auc")
+    if lookup is not None:
+        lines += ["", f"Language model's context lookup before any image (AUC, 0.5 = chance): {lookup:.3f}"]
     row = summary["row"]
     columns = [c for c in row if c != "Avg"] + (["Avg"] if "Avg" in row else [])
     lines += ["", "Model-zoo row (generated benchmarks; MME^P is out of 1000: 5 perception subtasks):", "",
