@@ -53,17 +53,20 @@ def test_v1_ldpnet_pipeline_runs_through_and_its_checkpoint_answers(tmp_path):
     pipe = Pipeline.from_pretrained(summary["model"])
     assert isinstance(pipe.generate(pipe.build_prompt("What color is the circle?"),
                                     images=[summary["examples"][0]["image"]], max_new_tokens=3), str)
-    assert "Final checkpoint" in format_summary(summary)
+    text = format_summary(summary)
+    assert "Final checkpoint" in text
+    weak = below_expectation(summary["row"])  # a toy model: some columns are at chance, and the summary names them
+    assert weak and all(column in text.split("Not clearly above chance yet")[1].split("\n")[0] for column in weak)
 
 
 @pytest.mark.slow
-def test_fast_demo_runs_end_to_end_and_learns_the_gqa_style_set(tmp_path, capsys):
-    """What the --fast demo reliably reaches (current defaults, 1 thread on a shared machine: 642 s, GQA-style
-    62.5 vs chance 30; 52.5-62.5 over the six --fast-sized runs of the latest round, docs/demo.md).
+def test_fast_demo_runs_end_to_end_and_its_answers_follow_the_image(tmp_path, capsys):
+    """What the --fast demo reliably reaches (1 thread, shared machine, docs/demo.md): GQA-style 57.5 / 48.8
+    (seeds 0 / 1; chance 30) and POPE-style accuracy 71.7 / 66.7 (chance 50; the earlier defaults answered
+    every yes/no question alike: 50.0), i.e. the yes/no answers depend on the object named and the image.
 
-    The other sets are not reliably above chance yet (docs/demo.md: the model does not find the object a
-    question names, and SQA-style moves between 25 and 54 from run to run on its 24 image questions);
-    `below_expectation` lists them in the summary rather than this test pretending they pass."""
+    SQA-, TextVQA- and MMBench-style are not reliably above chance yet; `below_expectation` lists them in the
+    summary rather than this test pretending they pass."""
     from mobilevlm.cli import main
     from mobilevlm.demo.report import ABOVE_CHANCE
 
@@ -72,4 +75,8 @@ def test_fast_demo_runs_end_to_end_and_learns_the_gqa_style_set(tmp_path, capsys
     assert set(summary["metrics"]) == {"gqa", "sqa", "textvqa", "pope", "mme", "mmbench"}
     assert summary["row"]["GQA"] >= ABOVE_CHANCE["GQA"], summary["row"]
     assert "GQA" not in below_expectation(summary["row"])
-    assert "Model-zoo row" in capsys.readouterr().out
+    pope = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]["pope"]
+    assert pope["mean_accuracy"] >= 60.0, pope["categories"]
+    assert 0.0 <= summary["llm"]["context_lookup_auc"] <= 1.0
+    output = capsys.readouterr().out
+    assert "Model-zoo row" in output and "context lookup" in output

@@ -27,8 +27,11 @@ def format_summary(summary: dict) -> str:
     lines += ["", "Model-zoo row (generated benchmarks; MME^P is out of 1000: 5 perception subtasks):", "",
               "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
               f"| demo {summary['projector']} | " + " | ".join(_fmt(row[c]) for c in columns) + " |",
-              "| chance | " + " | ".join(_fmt(CHANCE[c]) if c in CHANCE else "" for c in columns) + " |", "",
-              "Examples on held-out images:"]
+              "| chance | " + " | ".join(_fmt(CHANCE[c]) if c in CHANCE else "" for c in columns) + " |", ""]
+    weak = below_expectation(row)
+    if weak:
+        lines += [f"Not clearly above chance yet (below {', '.join(f'{c} {ABOVE_CHANCE[c]:g}' for c in weak)}): see docs/demo.md.", ""]
+    lines += ["Examples on held-out images:"]
     for ex in summary["examples"]:
         mark = "ok" if ex["answer"].strip().lower().rstrip(".") == ex["expected"] else f"expected {ex['expected']}"
         lines.append(f"  {ex['image']}\n    Q: {ex['question']}\n    A: {ex['answer']}   ({mark})")
