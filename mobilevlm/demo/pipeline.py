@@ -34,7 +34,8 @@ class DemoSettings:
     reading_in_finetune: int = 300
     clip_steps: int = 60
     # The context lookup appears suddenly after 500-1000 updates at batch 8, depending on the seed (1 of 2 seeds
-    # by 800; by 1200 AUC 0.74-0.79 in 4 runs and 0.60 in one; batch 4 with twice the updates did not): docs/demo.md.
+    # by 800; by 1200 AUC 0.74-0.79 in 5 of 7 runs, 0.60 / 0.67 in the others; batch 4 with twice the updates
+    # did not): docs/demo.md.
     llm_steps: int = 1200
     llm_batch_size: int = 8
     # Tiny models learn from the number of updates more than from the batch: small batches, two epochs.
