@@ -48,8 +48,8 @@ def caption_samples(scenes: list[Scene], names: list[str], seed: int) -> list[di
 class Mix:
     """How often each kind of question group is drawn for a conversation (relative weights).
 
-    A group is one question or a pair of questions about the same image (two objects, each present or a
-    near-miss absent one; a multiple-choice question and a rotation of its options). Yes/no answers are drawn
+    A group is one or several questions about the same image (up to six existence questions, each about a
+    present or a near-miss absent object, colour or shape; a multiple-choice question and a rotation of its options). Yes/no answers are drawn
     independently for every question, so that neither the answer priors, nor the turn position, nor the
     previous answer predict them: only looking at the image lowers the loss."""
 
