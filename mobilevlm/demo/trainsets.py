@@ -49,9 +49,9 @@ class Mix:
     """How often each kind of question group is drawn for a conversation (relative weights).
 
     A group is one or several questions about the same image (up to six existence questions, each about a
-    present or a near-miss absent object, colour or shape; a multiple-choice question and a rotation of its options). Yes/no answers are drawn
-    independently for every question, so that neither the answer priors, nor the turn position, nor the
-    previous answer predict them: only looking at the image lowers the loss."""
+    present or a near-miss absent object, colour or shape; a multiple-choice question and a rotation of its
+    options). Yes/no answers are drawn independently for every question, so that neither the answer priors,
+    nor the turn position, nor the previous answer predict them: only looking at the image lowers the loss."""
 
     short: float = 4.0
     exists: float = 3.0
