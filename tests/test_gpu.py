@@ -1,5 +1,8 @@
-"""The inference paths on a CUDA GPU (skipped without one): device placement, the lean decoder against the
-transformers path, and CPU/GPU agreement. Run on a lent GPU machine; CI has none."""
+"""The inference and training paths on a CUDA GPU (skipped without one): device placement, the lean decoder against
+the transformers path, CPU/GPU agreement, and training with the official recipe's bf16 / tf32 flags. Run on a lent GPU
+machine; CI has none."""
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -8,6 +11,8 @@ from mobilevlm.fast.decoder import LeanDecoder
 from mobilevlm.fast.pipeline import FastPipeline
 from mobilevlm.generation import GenerationSettings, Pipeline
 from mobilevlm.testing import make_tiny_checkpoint
+from mobilevlm.train import run_training
+from mobilevlm.train.synthetic import make_training_setup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -77,3 +82,34 @@ def test_generate_command_on_gpu_streams_the_lean_decoders_answer(checkpoint, tm
     assert main(["generate", "--model", str(checkpoint), "--image", str(tmp_path / "red.png"), "--prompt", QUESTION,
                  "--device", "cuda", "--max-new-tokens", "16"]) == 0
     assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def _stage1_losses(setup, out, *flags):
+    run_training(["--model_name_or_path", str(setup.llm), "--vision_tower", str(setup.clip), "--version", "plain",
+                  "--data_path", str(setup.pretrain_data), "--image_folder", str(setup.images), "--output_dir", str(out),
+                  "--mm_projector_type", "ldpnetv2", "--mm_vision_select_layer", "-2", "--tune_mm_mlp_adapter", "True",
+                  "--per_device_train_batch_size", "4", "--max_steps", "6", "--learning_rate", "5e-3",
+                  "--lr_scheduler_type", "constant", "--logging_steps", "1", "--report_to", "none", "--seed", "0",
+                  "--dataloader_num_workers", "0", "--save_strategy", "no", "--disable_tqdm", "True", *flags])
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def training_setup(tmp_path_factory):
+    return make_training_setup(tmp_path_factory.mktemp("gpu_train"))
+
+
+def test_stage1_on_gpu_in_fp32_follows_the_cpu_losses(training_setup, tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = _stage1_losses(training_setup, tmp_path / "cpu", "--use_cpu", "True")
+    gpu = _stage1_losses(training_setup, tmp_path / "gpu")
+    assert len(gpu) == 6 and gpu[-1] < gpu[0]
+    assert gpu == pytest.approx(cpu, rel=1e-3, abs=1e-3)
+
+
+def test_stage1_with_the_official_bf16_tf32_flags_trains_and_its_checkpoint_generates_on_gpu(training_setup, tmp_path):
+    losses = _stage1_losses(training_setup, tmp_path / "bf16", "--bf16", "True", "--tf32", "True")
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0]
+    pipe = Pipeline.from_pretrained(tmp_path / "bf16", device="cuda", dtype="bfloat16")
+    assert len(_ids(pipe, 8)) == 8
