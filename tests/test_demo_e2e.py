@@ -15,8 +15,10 @@ def test_cli_registers_demo_with_its_options():
     from mobilevlm.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--fast", "--seed", "3", "--projector", "ldpnet", "--out", "x"])
-    assert (args.fast, args.seed, args.projector, args.out) == (True, 3, "ldpnet", "x")
+    assert (args.fast, args.seed, args.projector, args.out, args.device, args.scale) == (True, 3, "ldpnet", "x", "cpu", 1.0)
     assert callable(args.func)
+    args = build_parser().parse_args(["demo", "--device", "cuda", "--scale", "2.5"])
+    assert (args.device, args.scale) == ("cuda", 2.5)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--projector", "mlp2x_gelu"])
 
@@ -26,6 +28,27 @@ def test_unknown_projector_is_a_clear_error(tmp_path):
 
     with pytest.raises(MobileVLMError, match="--projector"):
         P.run_demo(tmp_path, projector="linear")
+
+
+@pytest.mark.parametrize("flags, message", [(["--scale", "0"], "--scale 0.0: must be positive"),
+                                            (["--device", "cuda"], "no CUDA GPU")])
+def test_bad_demo_options_are_clear_errors_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from mobilevlm.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--out", str(tmp_path / "run"), *flags]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_scale_multiplies_the_training_and_keeps_the_test_sets():
+    big = P.scaled(P.FULL, 2.5)
+    assert (big.train_images, big.pretrain_samples, big.finetune_samples, big.reading_samples, big.reading_in_finetune,
+            big.clip_steps, big.llm_steps) == (15000, 2500, 5500, 10000, 750, 150, 3000)
+    assert big.eval_sizes == P.FULL.eval_sizes and big.finetune_lr == P.FULL.finetune_lr
+    assert P.scaled(P.FAST, 1.0) == P.FAST
 
 
 def test_chance_check_names_the_weak_columns():

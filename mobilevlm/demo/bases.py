@@ -108,7 +108,7 @@ def _clip_model(vocab_size: int, size: TowerSize, max_text: int):
     return CLIPModel(config)
 
 
-def _encode_texts(sp, texts: list[str], eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_texts(sp, texts: list[str], eot: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     encoded = [sp.encode(text)[:63] + [eot] for text in texts]
     width = max(len(ids) for ids in encoded)
     ids = torch.full((len(texts), width), eot)
@@ -116,13 +116,13 @@ def _encode_texts(sp, texts: list[str], eot: int) -> tuple[torch.Tensor, torch.T
     for row, seq in enumerate(encoded):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _soft_clip_loss(image_side: torch.Tensor, text_side: torch.Tensor, texts: list[str], scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE where pairs with the same text are all positives (generated captions can repeat)."""
     logits = scale * F.normalize(image_side, dim=-1) @ F.normalize(text_side, dim=-1).t()
-    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float)
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float, device=logits.device)
     targets = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
@@ -140,7 +140,8 @@ def _region_features(patches: torch.Tensor, boxes: list[tuple[int, tuple]]) -> t
 
 
 def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
-                          batch_size: int = 32, lr: float = 2e-3, size: TowerSize = TowerSize(), log: Log = print) -> dict:
+                          batch_size: int = 32, lr: float = 2e-3, size: TowerSize = TowerSize(), log: Log = print,
+                          device: str = "cpu") -> dict:
     """CLIP training at two levels: whole image vs caption (CLS token, as CLIP), and each object's patch
     region vs its phrase at the layer the VLM reads (dense region-phrase pairs make a tiny tower learn the
     attributes in a minute instead of hours)."""
@@ -150,30 +151,30 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
     torch.manual_seed(seed)
     sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
     eot = sp.get_piece_size()
-    model = _clip_model(eot, size, 64)
+    model = _clip_model(eot, size, 64).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     rng = random.Random(f"{seed}:clip")
     grid = IMAGE_SIZE // PATCH
     start, losses = time.time(), []
     for step in range(steps):
         batch = [scenes[i] for i in rng.sample(range(len(scenes)), batch_size)]
-        vision = model.vision_model(pixel_values=_pixels(batch), output_hidden_states=True)
+        vision = model.vision_model(pixel_values=_pixels(batch).to(device), output_hidden_states=True)
         image_embeds = model.visual_projection(vision.pooler_output)
         captions = [caption(s) for s in batch]
-        caption_embeds = model.text_projection(model.text_model(*_encode_texts(sp, captions, eot)).pooler_output)
+        caption_embeds = model.text_projection(model.text_model(*_encode_texts(sp, captions, eot, device)).pooler_output)
         selected = vision.hidden_states[-2][:, 1:].reshape(batch_size, grid, grid, -1)
         pairs = [(i, phrase, box) for i, s in enumerate(batch) for phrase, box in regions(s)]
         region_embeds = model.visual_projection(model.vision_model.post_layernorm(
             _region_features(selected, [(i, box) for i, _, box in pairs])))
         phrases = [phrase for _, phrase, _ in pairs]
-        phrase_embeds = model.text_projection(model.text_model(*_encode_texts(sp, phrases, eot)).pooler_output)
+        phrase_embeds = model.text_projection(model.text_model(*_encode_texts(sp, phrases, eot, device)).pooler_output)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = _soft_clip_loss(image_embeds, caption_embeds, captions, scale) + _soft_clip_loss(region_embeds, phrase_embeds, phrases, scale)
         losses.append(_optimizer_step(optimizer, loss, step, steps, lr))
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log(f"clip step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
     tower = CLIPVisionModel(model.config.vision_config)
-    tower.load_state_dict(model.vision_model.state_dict())
+    tower.load_state_dict(model.vision_model.cpu().state_dict())
     out_dir = Path(out_dir)
     tower.save_pretrained(out_dir)
     save_clip_preprocessor_config(out_dir, IMAGE_SIZE)
@@ -182,7 +183,8 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
 
 
 def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
-                            batch_size: int = 16, lr: float = 3e-3, size: LlmSize = LlmSize(), log: Log = print) -> dict:
+                            batch_size: int = 16, lr: float = 3e-3, size: LlmSize = LlmSize(), log: Log = print,
+                            device: str = "cpu") -> dict:
     """Next-token training of a tiny LLaMA on text-only conversations in the vicuna-v1 chat template (the
     stand-in for MobileLLaMA-Chat, answers weighted up: `LlmSize.answer_weight`); saved with its tokenizer as a
     LLaMA checkpoint. Returns its losses, time and the context-lookup AUC of `context_lookup_auc`."""
@@ -199,7 +201,7 @@ def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: P
                          max_position_embeddings=size.max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=size.init_std)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(f"{seed}:llm")
     start, losses = time.time(), []
@@ -214,6 +216,7 @@ def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: P
             ids[row, : len(item.input_ids)] = item.input_ids
             text[row, : len(item.input_ids)] = item.input_ids
             answers[row, : len(item.labels)] = item.labels
+        ids, text, answers = ids.to(device), text.to(device), answers.to(device)
         logits = model(input_ids=ids, attention_mask=(text != -100).long()).logits[:, :-1].flatten(0, 1)
         answer_loss = F.cross_entropy(logits, answers[:, 1:].flatten(), reduction="sum") / answers.ne(-100).sum().clamp(min=1)
         loss = F.cross_entropy(logits, text[:, 1:].flatten()) + size.answer_weight * answer_loss
@@ -221,7 +224,7 @@ def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: P
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
             log(f"llm step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.cpu().save_pretrained(out_dir)
     (out_dir / "tokenizer.model").write_bytes((Path(tokenizer_dir) / "tokenizer.model").read_bytes())
     save_tokenizer_files(out_dir)
     seconds = time.time() - start

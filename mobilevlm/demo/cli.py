@@ -15,6 +15,10 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
     parser.add_argument("--projector", choices=("ldpnetv2", "ldpnet"), default="ldpnetv2",
                         help="ldpnetv2: the MobileVLM V2 recipe (default); ldpnet: the V1 recipe")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where everything trains and runs (default: cpu, the demo's 10-minute setting)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the training data and steps (e.g. 5 on a GPU); the test sets stay the same")
     parser.set_defaults(func=run)
 
 
@@ -24,12 +28,21 @@ def run(args: argparse.Namespace) -> int:
 
     from mobilevlm.demo.pipeline import run_demo
     from mobilevlm.demo.report import format_summary
+    from mobilevlm.errors import MobileVLMError
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     def log(message: str) -> None:
         print(message, flush=True)
 
-    summary = run_demo(args.out, seed=args.seed, fast=args.fast, projector=args.projector, log=log)
+    if args.scale <= 0:
+        raise MobileVLMError(f"--scale {args.scale}: must be positive")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MobileVLMError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    summary = run_demo(args.out, seed=args.seed, fast=args.fast, projector=args.projector, log=log, device=args.device,
+                       scale=args.scale)
     print(format_summary(summary), file=sys.stdout, flush=True)
     return 0

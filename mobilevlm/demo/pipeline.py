@@ -61,6 +61,18 @@ FAST = replace(FULL, train_images=3000, pretrain_samples=1500, finetune_samples=
 PROJECTORS = {"ldpnetv2": "tiny_v2", "ldpnet": "tiny_v1"}
 
 
+def scaled(settings: DemoSettings, factor: float) -> DemoSettings:
+    """The same recipe with `factor` times the training data and steps (the test sets stay): how far the demo's
+    scores go with more compute than the 10-minute budget, e.g. on a GPU."""
+    def times(n: int) -> int:
+        return max(1, round(n * factor))
+
+    return replace(settings, train_images=times(settings.train_images), pretrain_samples=times(settings.pretrain_samples),
+                   finetune_samples=times(settings.finetune_samples), reading_samples=times(settings.reading_samples),
+                   reading_in_finetune=times(settings.reading_in_finetune), clip_steps=times(settings.clip_steps),
+                   llm_steps=times(settings.llm_steps))
+
+
 class _Clock:
     """Named phases with their wall time, printed as they finish and kept for the summary."""
 
@@ -119,15 +131,19 @@ def prepare_data(out: Path, seed: int, settings: DemoSettings) -> dict:
     }
 
 
-def _stage_args(epochs: float, lr: float, batch: int, extra: list[str] = ()) -> list[str]:
+def _stage_args(epochs: float, lr: float, batch: int, device: str, extra: list[str] = ()) -> list[str]:
+    # the Trainer takes a GPU whenever there is one: --use_cpu keeps a CPU demo on the CPU
+    where = ["--use_cpu", "True"] if device == "cpu" else []
     return ["--num_train_epochs", str(epochs), "--learning_rate", str(lr), "--per_device_train_batch_size", str(batch),
             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--save_strategy", "no", "--logging_steps", "10",
-            "--disable_tqdm", "True", "--model_max_length", "256", *extra]
+            "--disable_tqdm", "True", "--model_max_length", "256", *where, *extra]
 
 
 def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str = "ldpnetv2",
-             settings: DemoSettings | None = None, log: Log = print, examples: int = 4) -> dict:
-    """The whole demo; returns {"model", "row", "metrics", "phases", "examples", ...} and writes demo_summary.json."""
+             settings: DemoSettings | None = None, log: Log = print, examples: int = 4, device: str = "cpu",
+             scale: float = 1.0) -> dict:
+    """The whole demo; returns {"model", "row", "metrics", "phases", "examples", ...} and writes demo_summary.json.
+    Everything trains and runs on `device` ("cpu" or "cuda"), in float32; `scale` multiplies the training (`scaled`)."""
     if projector not in PROJECTORS:
         raise MobileVLMError(f"--projector {projector!r}: use one of {', '.join(PROJECTORS)}")
     import torch
@@ -135,7 +151,7 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
     from mobilevlm.eval.evaluate import run_evaluation
     from mobilevlm.train.pipeline import run_pipeline
 
-    settings = settings or (FAST if fast else FULL)
+    settings = scaled(settings or (FAST if fast else FULL), scale)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -144,10 +160,10 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
     base = out / "base"
     clock.run("train tokenizer", bases.train_tokenizer, data["corpus"], base / "tokenizer", settings.vocab_size)
     tower = clock.run("pre-train CLIP vision tower", bases.pretrain_vision_tower, data["scenes"], base / "tokenizer",
-                      base / "clip-vit-tiny-96", seed, settings.clip_steps, size=settings.tower, log=log)
+                      base / "clip-vit-tiny-96", seed, settings.clip_steps, size=settings.tower, log=log, device=device)
     llm = clock.run("pre-train MobileLLaMA", bases.pretrain_language_model, data["llm_text"], base / "tokenizer",
                     base / "mobilellama-tiny", seed, settings.llm_steps, batch_size=settings.llm_batch_size,
-                    size=settings.llm, log=log)
+                    size=settings.llm, log=log, device=device)
     recipe = PROJECTORS[projector]
     train_dir = out / "train"
     common = dict(language_model=str(base / "mobilellama-tiny"), vision_model=str(base / "clip-vit-tiny-96"),
@@ -156,16 +172,18 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
                   callbacks=[_progress_callback(log)])
     projector_lr = ["--mm_projector_lr", str(settings.pretrain_projector_lr)] if recipe == "tiny_v2" else []
     pretrain_lr = settings.pretrain_projector_lr if recipe == "tiny_v1" else settings.pretrain_lr
-    pretrain_args = _stage_args(settings.pretrain_epochs, pretrain_lr, settings.batch_size, projector_lr)
-    finetune_args = _stage_args(settings.finetune_epochs, settings.finetune_lr, settings.batch_size)
+    pretrain_args = _stage_args(settings.pretrain_epochs, pretrain_lr, settings.batch_size, device, projector_lr)
+    finetune_args = _stage_args(settings.finetune_epochs, settings.finetune_lr, settings.batch_size, device)
     clock.run("stage I: pre-training (plain captions)", run_pipeline, recipe, "pretrain", pretrain_args=pretrain_args, **common)
     trained = clock.run("stage II: instruction tuning (v1)", run_pipeline, recipe, "pretrain-finetune",
                         pretrain_args=pretrain_args, finetune_args=finetune_args, **common)
     model_dir = trained["finetune"]
     evaluation = clock.run("evaluate on the six generated benchmarks", run_evaluation, model_dir, data["benchmark_data"],
-                           out_dir=out / "eval", batch_size=16, log=lambda m: log(f"    {m}"))
-    shown = clock.run("example questions on held-out images", example_answers, model_dir, data["benchmark_data"], examples, seed)
+                           out_dir=out / "eval", batch_size=16, device=device, dtype="float32", log=lambda m: log(f"    {m}"))
+    shown = clock.run("example questions on held-out images", example_answers, model_dir, data["benchmark_data"], examples,
+                      seed, device)
     summary = {"model": model_dir, "projector": projector, "recipe": recipe, "seed": seed, "fast": fast,
+               "device": device, "scale": scale,
                "row": evaluation["row"], "metrics": {k: v["score"] for k, v in evaluation["metrics"].items()},
                "phases": clock.phases, "total_seconds": time.time() - clock.start, "examples": shown,
                "tower": tower, "llm": llm, "settings": asdict(settings), "results_markdown": evaluation["files"]["markdown"]}
@@ -173,11 +191,11 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
     return summary
 
 
-def example_answers(model_dir: str, benchmark_data: Path, count: int, seed: int) -> list[dict]:
+def example_answers(model_dir: str, benchmark_data: Path, count: int, seed: int, device: str = "cpu") -> list[dict]:
     """A few GQA-style questions on held-out images, answered by the trained model."""
     from mobilevlm.generation import Pipeline
 
-    pipe = Pipeline.from_pretrained(model_dir)
+    pipe = Pipeline.from_pretrained(model_dir, device=device, dtype="float32")
     lines = [json.loads(line) for line in (benchmark_data / "gqa" / "llava_gqa_testdev_balanced.jsonl").read_text().splitlines()]
     truth = json.loads((benchmark_data / "gqa" / "testdev_balanced_questions.json").read_text())
     shown = []

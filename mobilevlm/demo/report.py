@@ -15,7 +15,8 @@ def below_expectation(row: dict) -> list[str]:
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["", "=" * 72, "MobileVLM demo summary", "=" * 72, "", "Time per phase:"]
+    where = f"on {summary.get('device', 'cpu')}, training x{summary.get('scale', 1.0):g}"
+    lines = ["", "=" * 72, "MobileVLM demo summary", "=" * 72, "", f"Time per phase ({where}):"]
     for name, seconds in summary["phases"].items():
         lines.append(f"  {name:<45} {seconds:7.0f} s")
     lines.append(f"  {'total':<45} {summary['total_seconds']:7.0f} s")
