@@ -144,9 +144,14 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
              scale: float = 1.0) -> dict:
     """The whole demo; returns {"model", "row", "metrics", "phases", "examples", ...} and writes demo_summary.json.
     Everything trains and runs on `device` ("cpu" or "cuda"), in float32; `scale` multiplies the training (`scaled`)."""
+    import torch
+
     if projector not in PROJECTORS:
         raise MobileVLMError(f"--projector {projector!r}: use one of {', '.join(PROJECTORS)}")
-    import torch
+    if scale <= 0:
+        raise MobileVLMError(f"--scale {scale}: must be positive")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MobileVLMError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
 
     from mobilevlm.eval.evaluate import run_evaluation
     from mobilevlm.train.pipeline import run_pipeline
