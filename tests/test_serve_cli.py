@@ -44,6 +44,8 @@ def test_serve_command(tmp_path):
                 time.sleep(0.2)
         assert response.json()["model"] == "my-tiny-model" and response.json()["queue"]["limit"] == 3
         assert httpx.get(url + "/health").status_code == 401  # the key comes from $MOBILEVLM_API_KEY
+        # on a loopback address only loopback names are served (no DNS rebinding)
+        assert httpx.get(url + "/health", headers={"Authorization": "Bearer k3y", "Host": "rebound.example"}).status_code == 400
         client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
         reply = client.chat.completions.create(model="my-tiny-model", max_tokens=3,
                                                messages=[{"role": "user", "content": "Hello"}])

@@ -111,6 +111,37 @@ def test_api_key_is_required_on_every_route(pipe):
         assert reply.choices[0].message.content is not None
 
 
+def test_host_check_refuses_other_names_on_every_route(pipe):
+    # a page on a domain re-pointed to 127.0.0.1 (DNS rebinding) sends its own name as the Host header
+    with serve(pipe, allowed_hosts=("localhost", "127.0.0.1", "::1", "my.box")) as url:
+        port = url.rsplit(":", 1)[1]
+        for path in ("/health", "/v1/models", "/", "/nowhere"):
+            response = httpx.get(url + path, headers={"Host": f"evil.example:{port}"})
+            assert response.status_code == 400, path
+            assert response.json()["error"]["code"] == "invalid_host" and "--allowed-host" in response.json()["error"]["message"]
+        assert httpx.post(url + "/v1/chat/completions", headers={"Host": "evil.example"},
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}).status_code == 400
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "MY.box", "localhost"):
+            assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+
+
+@pytest.mark.parametrize("header, name", [("localhost:8000", "localhost"), ("[::1]:80", "::1"), ("[::1]", "::1"),
+                                          ("Example.COM", "example.com"), ("127.0.0.1:1", "127.0.0.1"), ("", "")])
+def test_host_name_drops_the_port_and_brackets(header, name):
+    from mobilevlm.serve.app import host_name
+
+    assert host_name(header) == name
+
+
+def test_serve_allows_loopback_names_on_a_loopback_address_and_any_name_elsewhere_unless_told():
+    from mobilevlm.serve.cli import _allowed_hosts
+
+    assert _allowed_hosts("127.0.0.1", []) == ("localhost", "127.0.0.1", "::1")
+    assert _allowed_hosts("localhost", ["my.box"]) == ("localhost", "127.0.0.1", "::1", "my.box")
+    assert _allowed_hosts("0.0.0.0", []) is None
+    assert _allowed_hosts("0.0.0.0", ["vlm.example.org"]) == ("vlm.example.org",)
+
+
 @pytest.fixture
 def image_host(tmp_path):
     picture = io.BytesIO()

@@ -43,6 +43,37 @@ class ServerSettings:
     max_image_pixels: int = 50_000_000
     max_images: int = 8
     default_max_tokens: int = 512
+    # Names the Host header may carry (port aside); None: any. `mobilevlm serve` on a loopback address allows only
+    # its loopback names: a web page whose domain an attacker re-points to 127.0.0.1 (DNS rebinding) is then refused.
+    allowed_hosts: tuple[str, ...] | None = None
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without the port and the brackets of an IPv6 literal, lower-cased."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+class HostCheckMiddleware:
+    """Refuses requests whose Host header names none of `allowed` (HTTP 400)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {name.lower() for name in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            if host_name(host) not in self.allowed:
+                error = ApiError(400, f"Host {host!r} is not a name of this server ({', '.join(sorted(self.allowed))}); "
+                                      "start it with --allowed-host NAME to add one", code="invalid_host")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ApiKeyMiddleware:
@@ -98,6 +129,8 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
     app.state.work = work
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)  # added last: runs first
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):

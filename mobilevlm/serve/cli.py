@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("MOBILEVLM_API_KEY"),
                        help="require this key on every route (default: $MOBILEVLM_API_KEY; none = open)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a name clients may reach the server by (Host header), besides localhost / 127.0.0.1 / ::1 "
+                            "on a loopback address; repeatable. Without it a non-loopback server accepts any name")
     serve.add_argument("--allow-remote-images", action="store_true",
                        help="let requests name http(s) image URLs, which the server then downloads (public hosts only)")
     serve.add_argument("--allow-private-image-hosts", action="store_true",
@@ -46,6 +49,14 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _allowed_hosts(bind: str, extra: list[str]) -> tuple[str, ...] | None:
+    if _is_loopback(bind):
+        from mobilevlm.serve.app import LOOPBACK_HOSTS
+
+        return (*LOOPBACK_HOSTS, *extra)
+    return tuple(extra) or None
 
 
 def run_serve(args) -> int:
@@ -76,7 +87,8 @@ def run_serve(args) -> int:
         allow_remote_images=args.allow_remote_images, allow_private_image_hosts=args.allow_private_image_hosts,
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
-        max_image_pixels=args.max_image_pixels, max_images=args.max_images, default_max_tokens=args.max_tokens)
+        max_image_pixels=args.max_image_pixels, max_images=args.max_images, default_max_tokens=args.max_tokens,
+        allowed_hosts=_allowed_hosts(args.host, args.allowed_host))
     print(f"mobilevlm serve: model {settings.model_name!r} at http://{args.host}:{args.port}/ "
           f"(API at /v1, queue limit {args.max_queue})", file=sys.stderr)
     uvicorn.run(create_app(pipeline, settings), host=args.host, port=args.port, log_level="info")
