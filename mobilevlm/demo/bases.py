@@ -210,16 +210,17 @@ def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: P
         batch = [encoded[i] for i in rng.sample(range(len(encoded)), batch_size)]
         width = max(len(item.input_ids) for item in batch)
         ids = torch.zeros((batch_size, width), dtype=torch.long)
-        text = torch.full((batch_size, width), -100)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
         answers = torch.full((batch_size, width), -100)
         for row, item in enumerate(batch):
             ids[row, : len(item.input_ids)] = item.input_ids
-            text[row, : len(item.input_ids)] = item.input_ids
+            mask[row, : len(item.input_ids)] = 1
             answers[row, : len(item.labels)] = item.labels
-        ids, text, answers = ids.to(device), text.to(device), answers.to(device)
-        logits = model(input_ids=ids, attention_mask=(text != -100).long()).logits[:, :-1].flatten(0, 1)
+        ids, mask, answers = ids.to(device), mask.to(device), answers.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].flatten(0, 1)
         answer_loss = F.cross_entropy(logits, answers[:, 1:].flatten(), reduction="sum") / answers.ne(-100).sum().clamp(min=1)
-        loss = F.cross_entropy(logits, text[:, 1:].flatten()) + size.answer_weight * answer_loss
+        targets = ids.masked_fill(mask == 0, -100)[:, 1:].flatten()
+        loss = F.cross_entropy(logits, targets) + size.answer_weight * answer_loss
         losses.append(_optimizer_step(optimizer, loss, step, steps, lr))
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
             log(f"llm step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")

@@ -212,14 +212,14 @@ def reading_samples(scenes: list[Scene], seed: int, n: int) -> list[dict]:
             scene = rng.choice(shapes)
             context = f"Context: {caption(scene, rng)}\n"
             if kind == "exists":
-                turns = [(context + question, answer) for question, answer in _exists_turns(scene, rng)]
+                turns = _exists_turns(scene, rng)
             elif kind == "short":
                 qa = rng.choice(Q.short_questions(scene))
-                turns = [(context + Q.short_prompt(qa.question), qa.answer)]
+                turns = [(Q.short_prompt(qa.question), qa.answer)]
             else:
-                turns = [(context + question, answer) for question, answer in _choice_turns(rng.choice(Q.short_questions(scene)), rng)]
-            # the context is given once, as ScienceQA gives it
-            turns = turns[:1] + [(question.removeprefix(context), answer) for question, answer in turns[1:]]
+                turns = _choice_turns(rng.choice(Q.short_questions(scene)), rng)
+            # the context is given once, before the first question, as ScienceQA gives it
+            turns[0] = (context + turns[0][0], turns[0][1])
         conversations = []
         for question, answer in turns:
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
