@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 
-from mobilevlm.demo import bases
 from mobilevlm.demo import pipeline as P
 from mobilevlm.demo.report import below_expectation, format_summary
+from mobilevlm.testing import toy_demo_settings
 
 
 def test_cli_registers_demo_with_its_options():
@@ -57,10 +56,7 @@ def test_chance_check_names_the_weak_columns():
     assert below_expectation({**row, "VQA^T": 90.0}) == []
 
 
-TOY = replace(P.FAST, train_images=120, pretrain_samples=40, finetune_samples=60, clip_steps=2, llm_steps=4,
-              eval_sizes={"gqa": 2, "sqa": 2, "textvqa": 2, "pope": 1, "mme": 1, "mmbench": 1},
-              tower=bases.TowerSize(hidden=16, layers=3, heads=2, text_hidden=16, text_layers=1),
-              llm=bases.LlmSize(hidden=32, layers=2, heads=2, intermediate=64, max_positions=512))
+TOY = toy_demo_settings()
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from PIL import Image
 from mobilevlm.fast.decoder import LeanDecoder
 from mobilevlm.fast.pipeline import FastPipeline
 from mobilevlm.generation import GenerationSettings, Pipeline
-from mobilevlm.testing import make_tiny_checkpoint
+from mobilevlm.testing import make_tiny_checkpoint, toy_demo_settings
 from mobilevlm.train import run_training
 from mobilevlm.train.synthetic import make_training_setup
 
@@ -116,16 +116,9 @@ def test_stage1_with_the_official_bf16_tf32_flags_trains_and_its_checkpoint_gene
 
 
 def test_demo_trains_and_evaluates_on_the_gpu(tmp_path):
-    from dataclasses import replace
-
-    from mobilevlm.demo import bases
     from mobilevlm.demo import pipeline as demo
 
-    toy = replace(demo.FAST, train_images=120, pretrain_samples=40, finetune_samples=60, clip_steps=2, llm_steps=4,
-                  eval_sizes={"gqa": 2, "sqa": 2, "textvqa": 2, "pope": 1, "mme": 1, "mmbench": 1},
-                  tower=bases.TowerSize(hidden=16, layers=3, heads=2, text_hidden=16, text_layers=1),
-                  llm=bases.LlmSize(hidden=32, layers=2, heads=2, intermediate=64, max_positions=512))
-    summary = demo.run_demo(tmp_path, settings=toy, device="cuda", log=lambda m: None, examples=1)
+    summary = demo.run_demo(tmp_path, settings=toy_demo_settings(), device="cuda", log=lambda m: None, examples=1)
     assert summary["device"] == "cuda" and set(summary["metrics"]) == {"gqa", "sqa", "textvqa", "pope", "mme", "mmbench"}
     pipe = Pipeline.from_pretrained(summary["model"], device="cuda", dtype="float32")
     assert {p.device.type for p in pipe.model.parameters()} == {"cuda"}
