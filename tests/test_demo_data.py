@@ -319,3 +319,37 @@ def test_language_model_text_is_mostly_lookups():
     lookups = [s for s in samples if "Is there a" in s["conversations"][0]["value"]]
     assert 0.7 < len(lookups) / len(samples) < 0.9
     assert sum(len(s["conversations"]) // 2 for s in lookups) / len(lookups) > 3  # several questions per context
+
+
+def test_every_patch_of_a_shape_shows_which_shape_it_is():
+    from mobilevlm.demo.scenes import COLORS, PATTERN_SHADE, PATTERNS, SHAPES, Scene, Shape
+
+    for shape in SHAPES:
+        scene = Scene(objects=(Shape("blue", shape, "large", 1, 1, 0, 0),))
+        pixels = render(scene).load()
+        fill = COLORS["blue"]
+        shade = tuple(int(c * PATTERN_SHADE) for c in fill)
+        # the 4x4 patch grid cell at the object's centre lies inside every shape: it carries the shape's pattern
+        for y in range(44, 48):
+            for x in range(44, 48):
+                marked = PATTERNS[shape] is not None and PATTERNS[shape](x, y)
+                assert pixels[x, y] == (shade if marked else fill), (shape, x, y, pixels[x, y])
+    # the four patterns differ within one patch, whichever patch it is
+    patches = {shape: tuple(PATTERNS[shape] is not None and PATTERNS[shape](x, y) for y in range(4) for x in range(4))
+               for shape in SHAPES}
+    assert len(set(patches.values())) == len(SHAPES)
+    assert all(PATTERNS[s] is None or PATTERNS[s](x + 4, y + 8) == PATTERNS[s](x, y)
+               for s in SHAPES for x in range(4) for y in range(4))
+
+
+def test_short_question_groups_ask_about_different_things():
+    rng = random.Random(0)
+    sizes = []
+    for scene in T.training_scenes(2, 300):
+        chosen = T._short_set(scene, rng)
+        sizes.append(len(chosen))
+        kinds = [qa.kind for qa in chosen]
+        subjects = [qa.subject for qa in chosen if qa.subject]
+        assert len(set(kinds)) == len(kinds) and len(set(subjects)) == len(subjects), chosen
+        assert all(qa in Q.short_questions(scene) for qa in chosen)
+    assert max(sizes) == 3 and sum(sizes) / len(sizes) > 2

@@ -99,3 +99,22 @@ def test_fast_demo_runs_end_to_end_and_its_answers_follow_the_image(tmp_path, ca
     assert 0.0 <= summary["llm"]["context_lookup_auc"] <= 1.0
     output = capsys.readouterr().out
     assert "Model-zoo row" in output and "context lookup" in output
+
+
+def test_a_rerun_in_the_same_folder_trains_and_evaluates_anew(tmp_path):
+    from mobilevlm.errors import MobileVLMError
+
+    previous = tmp_path / "demo_run"
+    for stale in ("train/finetune", "eval/gqa", "base/tokenizer", "data"):
+        (previous / stale).mkdir(parents=True)
+    (previous / "data" / "pretrain.json").write_text("[]")
+    (previous / "demo_summary.json").write_text("{}")
+    P.clear_previous_run(previous)
+    assert sorted(p.name for p in previous.iterdir()) == ["base", "data"]  # regenerated in place, not resumed from
+
+    foreign = tmp_path / "notes"
+    (foreign / "train").mkdir(parents=True)
+    with pytest.raises(MobileVLMError, match="not empty and holds no previous demo"):
+        P.clear_previous_run(foreign)
+    assert (foreign / "train").exists()
+    P.clear_previous_run(tmp_path / "new")  # absent: nothing to do

@@ -183,7 +183,7 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
 
 
 def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
-                            batch_size: int = 16, lr: float = 3e-3, size: LlmSize = LlmSize(), log: Log = print,
+                            batch_size: int = 16, lr: float = 1.5e-3, size: LlmSize = LlmSize(), log: Log = print,
                             device: str = "cpu") -> dict:
     """Next-token training of a tiny LLaMA on text-only conversations in the vicuna-v1 chat template (the
     stand-in for MobileLLaMA-Chat, answers weighted up: `LlmSize.answer_weight`); saved with its tokenizer as a

@@ -22,6 +22,10 @@ class QA:
     answer: str
     kind: str
     domain: tuple[str, ...] = ()  # the possible answers, for building multiple-choice options
+    # The object the question is about ("red circle"; empty for counts and words): two questions about the same
+    # object in one conversation could answer each other ("What color is the circle?" after "Is the red circle
+    # small or large?").
+    subject: str = ""
 
 
 def _unique(items, attr):
@@ -38,16 +42,16 @@ def short_questions(scene: Scene) -> list[QA]:
     objects = scene.objects
     qas = [QA("How many objects are there?", str(len(objects)), "count", COUNT_WORDS[1:])]
     for obj in _unique(objects, "shape"):
-        qas.append(QA(f"What color is the {obj.shape}?", obj.color, "color", tuple(COLORS)))
+        qas.append(QA(f"What color is the {obj.shape}?", obj.color, "color", tuple(COLORS), obj.name))
     for obj in _unique(objects, "color"):
-        qas.append(QA(f"What shape is the {obj.color} object?", obj.shape, "shape", SHAPES))
+        qas.append(QA(f"What shape is the {obj.color} object?", obj.shape, "shape", SHAPES, obj.name))
     for shape in SHAPES:
         n = sum(o.shape == shape for o in objects)
         qas.append(QA(f"How many {shape}s are there?", str(n), "count", COUNT_WORDS))
     for obj in objects:
-        qas.append(QA(f"Is the {obj.name} on the left, in the center or on the right?", COLUMNS[obj.col], "position", COLUMNS))
-        qas.append(QA(f"Is the {obj.name} at the top, in the middle or at the bottom?", ROWS[obj.row], "position", ROWS))
-        qas.append(QA(f"Is the {obj.name} small or large?", obj.size, "size", tuple(SIZES)))
+        qas.append(QA(f"Is the {obj.name} on the left, in the center or on the right?", COLUMNS[obj.col], "position", COLUMNS, obj.name))
+        qas.append(QA(f"Is the {obj.name} at the top, in the middle or at the bottom?", ROWS[obj.row], "position", ROWS, obj.name))
+        qas.append(QA(f"Is the {obj.name} small or large?", obj.size, "size", tuple(SIZES), obj.name))
     return qas
 
 

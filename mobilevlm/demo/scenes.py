@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
@@ -30,6 +30,13 @@ WORDS = (
     "cat", "dog", "sun", "box", "car", "hat", "pen", "cup", "map", "key", "bus", "egg",
     "fox", "owl", "bee", "cow", "pig", "jam", "ink", "toy", "zoo", "sky", "ice", "van",
 )
+# Every shape's fill carries a pattern of its own with the period of the tower's 4-pixel patches, aligned to
+# their grid (rows, columns, diagonals; the circle plain), so that each patch of a shape shows which shape it
+# is as it shows its colour. Without them the tiny tower, trained for half a minute, tells shapes from their
+# outlines only: a linear probe on its tokens read the shape 56 % of the time, with them 99 % (docs/demo.md).
+PATTERNS = {"circle": None, "square": lambda x, y: y % 4 == 0, "triangle": lambda x, y: x % 4 == 0,
+            "star": lambda x, y: (x + y) % 4 == 0}
+PATTERN_SHADE = 0.55  # the pattern's pixels: the fill colour darkened to this fraction
 WORD_ROWS = ("top", "bottom")
 MAX_OBJECTS = 3
 
@@ -136,19 +143,36 @@ def regions(scene: Scene) -> list[tuple[str, tuple[int, int, int, int]]]:
     return out
 
 
+@lru_cache(maxsize=None)
+def _pattern_mask(shape: str) -> Image.Image:
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    if PATTERNS[shape] is not None:
+        mask.putdata([255 * PATTERNS[shape](i % IMAGE_SIZE, i // IMAGE_SIZE) for i in range(IMAGE_SIZE * IMAGE_SIZE)])
+    return mask
+
+
+def _shape_mask(obj: Shape) -> Image.Image:
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    (cx, cy), r = _center(obj), SIZES[obj.size]
+    if obj.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif obj.shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=255)
+    return mask
+
+
 def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        cx, cy = _center(obj)
-        r = SIZES[obj.size]
+        mask = _shape_mask(obj)
         fill = COLORS[obj.color]
-        if obj.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=fill)
+        image.paste(fill, mask=mask)
+        shade = tuple(int(channel * PATTERN_SHADE) for channel in fill)
+        image.paste(shade, mask=ImageChops.multiply(mask, _pattern_mask(obj.shape)))
+    draw = ImageDraw.Draw(image)
     for word in scene.words:
         x, y, _ = _word_origin(word)
         draw.text((x, y), word.text, fill=COLORS[word.color], font=_font())

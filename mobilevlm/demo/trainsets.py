@@ -70,8 +70,7 @@ def _groups(scene: Scene, mix: Mix) -> tuple[list[str], list[float]]:
 def _group(kind: str, scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     """The (question text, answer) turns of one group, in the benchmark prompt shapes."""
     if kind == "short":
-        qa = rng.choice(Q.short_questions(scene))
-        return [(Q.short_prompt(qa.question), qa.answer)]
+        return [(Q.short_prompt(qa.question), qa.answer) for qa in _short_set(scene, rng)]
     if kind == "exists":
         return _exists_turns(scene, rng)
     if kind == "yes_no":
@@ -83,6 +82,20 @@ def _group(kind: str, scene: Scene, rng: random.Random) -> list[tuple[str, str]]
         qa = rng.choice([qa for qa in Q.short_questions(scene) if qa.kind == "ocr"])
         return [(Q.ocr_prompt(qa.question, scene), qa.answer)]
     return [(rng.choice(CAPTION_PROMPTS), caption(scene))]
+
+
+def _short_set(scene: Scene, rng: random.Random, size: int = 3) -> list[Q.QA]:
+    """Up to `size` single-word questions about one image, each of another kind (colour, shape, count, ...) and
+    about another object, so that none can be answered from another's words. Each skill needs about a thousand
+    answers before the tiny model reads it from the image (docs/demo.md): several per image cost little next to
+    the image's 144 tokens."""
+    chosen: list[Q.QA] = []
+    for qa in rng.sample(Q.short_questions(scene), len(Q.short_questions(scene))):
+        if len(chosen) == size:
+            break
+        if all(qa.kind != other.kind and (not qa.subject or qa.subject != other.subject) for other in chosen):
+            chosen.append(qa)
+    return chosen
 
 
 def _exists_turns(scene: Scene, rng: random.Random, turns: int = 6) -> list[tuple[str, str]]:
