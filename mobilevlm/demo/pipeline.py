@@ -22,8 +22,8 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DemoSettings:
-    # Sized for the 10-minute goal on 2 idle cores: stage II (~0.35 s an update there), stage I (~0.16 s) and
-    # the language model's pre-training (~0.15 s a step) are most of the time.
+    # Sized for the 10-minute goal on 2 idle cores: stage II (~0.37 s an update there) and stage I (~0.16 s) are
+    # most of the time (docs/demo.md).
     train_images: int = 6000
     # Stage I is where the image tokens get read object by object: after "There is a small red" the caption
     # names the shape of the red object 40 % of the time after 250 updates, 68 % after 500, 87 % after 1000
@@ -44,7 +44,7 @@ class DemoSettings:
     # 6 of 8 at 2e-3 and at 1e-3, 3 of 8 at 3e-3; Adam's beta2 0.95 / 0.98: 0-1 of 8 (docs/demo.md). With the
     # patterned shapes and 1000 stage-I updates the image questions no longer need it (GQA-style 55.0 / 55.8,
     # POPE-style 79.1 / 79.7 after 400 / 1200 steps); it adds the TextVQA-style OCR-token copy (21 vs 48), but
-    # 1200 steps do not fit the 10 minutes beside the longer stage I: 400 (the 10-minute budget, `--scale` more).
+    # 1200 steps do not fit the 10 minutes beside the longer stage I (`--scale 3` gives them).
     llm_steps: int = 400
     llm_lr: float = 1.5e-3
     llm_batch_size: int = 8

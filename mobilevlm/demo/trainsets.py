@@ -90,7 +90,8 @@ def _short_set(scene: Scene, rng: random.Random, size: int = 3) -> list[Q.QA]:
     answers before the tiny model reads it from the image (docs/demo.md): several per image cost little next to
     the image's 144 tokens."""
     chosen: list[Q.QA] = []
-    for qa in rng.sample(Q.short_questions(scene), len(Q.short_questions(scene))):
+    candidates = Q.short_questions(scene)
+    for qa in rng.sample(candidates, len(candidates)):
         if len(chosen) == size:
             break
         if all(qa.kind != other.kind and (not qa.subject or qa.subject != other.subject) for other in chosen):
