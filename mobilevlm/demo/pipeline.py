@@ -39,14 +39,12 @@ class DemoSettings:
     reading_samples: int = 4000
     reading_in_finetune: int = 300
     clip_steps: int = 60
-    # The language model's text lookup appears suddenly, after 500-1000 updates at batch 8, or not at all; the
-    # learning rate decides how often: over seeds 0-7 (GPU sweep, AUC >= 0.74 by 1200 steps) 8 of 8 at 1.5e-3,
-    # 6 of 8 at 2e-3 and at 1e-3, 3 of 8 at 3e-3; Adam's beta2 0.95 / 0.98: 0-1 of 8 (docs/demo.md). With the
-    # patterned shapes and 1000 stage-I updates the image questions no longer need it (GQA-style 55.0 / 55.8,
-    # POPE-style 79.1 / 79.7 after 400 / 1200 steps); it adds the TextVQA-style OCR-token copy (21 vs 48), but
-    # 1200 steps do not fit the 10 minutes beside the longer stage I (`--scale 3` gives them).
+    # The language model's text lookup (its learning rate: `bases.LLM_LR`): with the patterned shapes and 1000
+    # stage-I updates the image questions no longer need it (GQA-style 55.0 / 55.8, POPE-style 79.1 / 79.7 after
+    # 400 / 1200 steps); it adds the TextVQA-style OCR-token copy (21 vs 48), but 1200 steps do not fit the
+    # 10 minutes beside the longer stage I (`--scale 3` gives them).
     llm_steps: int = 400
-    llm_lr: float = 1.5e-3
+    llm_lr: float = bases.LLM_LR
     llm_batch_size: int = 8
     # Tiny models learn from the number of updates more than from the batch: small batches, two epochs.
     pretrain_epochs: float = 2.0
