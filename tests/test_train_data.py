@@ -132,3 +132,35 @@ def test_modality_grouping_keeps_modalities_apart():
         assert len({lengths[i] > 0 for i in batch}) == 1
     again = modality_length_grouped_indices(lengths, 2, 1, torch.Generator().manual_seed(0))
     assert again == order
+
+
+def test_group_by_length_uses_the_datasets_word_counts_without_loading_samples():
+    from types import SimpleNamespace
+
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from mobilevlm.train.trainer import VLMTrainer
+
+    class Lengths(torch.utils.data.Dataset):
+        modality_lengths = [(-1) ** i * (1 + (i * 37) % 200) for i in range(400)]  # text-only samples negative
+
+        def __len__(self):
+            return len(self.modality_lengths)
+
+        def __getitem__(self, i):
+            raise AssertionError("the sampler must not load a sample to learn its length")
+
+    args = SimpleNamespace(group_by_modality_length=False, train_sampling_strategy="group_by_length",
+                           train_batch_size=8, gradient_accumulation_steps=1)
+    torch.manual_seed(0)
+    sampler = VLMTrainer._get_train_sampler(SimpleNamespace(args=args), Lengths())
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(sampler)
+    assert sorted(order) == list(range(400))
+    lengths = [abs(n) for n in Lengths.modality_lengths]
+
+    def padding(indices):
+        batches = [indices[i:i + 8] for i in range(0, len(indices), 8)]
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(order) < 0.2 * padding(torch.randperm(400).tolist())

@@ -1,7 +1,8 @@
 """`VLMTrainer`: transformers' Trainer plus what the MobileVLM recipes need.
 
 - a separate learning rate for the projector (`--mm_projector_lr`, V2 stage I), in the original's four groups;
-- the `group_by_modality_length` sampler;
+- the `group_by_modality_length` sampler, and `--train_sampling_strategy group_by_length` fed the dataset's
+  word counts (the Trainer would otherwise tokenize every sample, loading its image, to learn its length);
 - tokenization mismatches counted per sample id, and the run stopped once they exceed the budget;
 - checkpoints written atomically: into a staging folder first, renamed into place when complete, so a run
   killed while saving never leaves a half-written `checkpoint-N` for the resume to pick up;
@@ -66,6 +67,13 @@ class VLMTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.args.group_by_modality_length:
+            if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "modality_lengths"):
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+
+                # With one process and no accumulation the original's sampler groups nothing (its mega-batch is
+                # one batch): a third of a random batch of the demo's conversations is padding.
+                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            lengths=[abs(n) for n in dataset.modality_lengths])
             return super()._get_train_sampler(train_dataset)
         from mobilevlm.train.collator import ModalityLengthGroupedSampler
 
