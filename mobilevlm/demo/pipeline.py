@@ -22,7 +22,7 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DemoSettings:
-    # Sized for the 10-minute goal on 2 idle cores: stage II (~0.37 s an update there) and stage I (~0.16 s) are
+    # Sized for the 10-minute goal on 2 idle cores: stage II (~0.32 s an update there) and stage I (~0.16 s) are
     # most of the time (docs/demo.md).
     train_images: int = 6000
     # Stage I is where the image tokens get read object by object: after "There is a small red" the caption
