@@ -353,3 +353,24 @@ def test_short_question_groups_ask_about_different_things():
         assert len(set(kinds)) == len(kinds) and len(set(subjects)) == len(subjects), chosen
         assert all(qa in Q.short_questions(scene) for qa in chosen)
     assert max(sizes) == 3 and sum(sizes) / len(sizes) > 2
+
+
+def test_pope_answers_are_broken_down_by_what_the_image_holds(tmp_path):
+    from mobilevlm.demo.report import pope_yes_by_kind
+
+    asked = [("red circle", "yes"), ("blue star", "yes"), ("green square", "yes"),  # what the image holds
+             ("red star", "no"), ("green circle", "no"),  # colour and shape both on other objects
+             ("red triangle", "no"),  # colour only
+             ("yellow star", "no"), ("purple square", "no"),  # shape only
+             ("yellow triangle", "no")]  # neither
+    labels = [{"question_id": i + 1, "image": "a.png", "text": f"Is there a {name} in the image?", "label": label}
+              for i, (name, label) in enumerate(asked)]
+    (tmp_path / "pope" / "coco").mkdir(parents=True)
+    (tmp_path / "pope" / "coco" / "coco_pope_random.json").write_text("\n".join(json.dumps(row) for row in labels))
+    # a model that checks the colour only (and misses one present object)
+    said = {1: "Yes", 2: "No", 3: "Yes", 4: "Yes", 5: "yes.", 6: "Yes", 7: "No", 8: "No", 9: "No"}
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps({"question_id": qid, "text": text}) for qid, text in said.items()))
+    by_kind = pope_yes_by_kind(tmp_path, answers)
+    assert {kind: (v["questions"], round(v["yes"], 1)) for kind, v in by_kind.items()} == {
+        "present": (3, 66.7), "both elsewhere": (2, 100.0), "colour only": (1, 100.0), "shape only": (2, 0.0), "neither": (1, 0.0)}

@@ -98,8 +98,10 @@ def test_fast_demo_runs_end_to_end_and_its_answers_follow_the_image(tmp_path, ca
     pope = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]["pope"]
     assert pope["mean_accuracy"] >= 60.0, pope["categories"]
     assert 0.0 <= summary["llm"]["context_lookup_auc"] <= 1.0
+    by_kind = summary["pope_yes_by_kind"]  # every POPE-style question in exactly one kind
+    assert sum(kind["questions"] for kind in by_kind.values()) == sum(sum(c[k] for k in ("TP", "FP", "TN", "FN")) for c in pope["categories"].values())
     output = capsys.readouterr().out
-    assert "Model-zoo row" in output and "context lookup" in output
+    assert "Model-zoo row" in output and "context lookup" in output and 'answered "yes"' in output
 
 
 def test_a_rerun_in_the_same_folder_trains_and_evaluates_anew(tmp_path):

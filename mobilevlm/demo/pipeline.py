@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from mobilevlm.demo import bases, benchmarks, trainsets
+from mobilevlm.demo import bases, benchmarks, report, trainsets
 from mobilevlm.errors import MobileVLMError
 
 Log = Callable[[str], None]
@@ -211,12 +211,13 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
     model_dir = trained["finetune"]
     evaluation = clock.run("evaluate on the six generated benchmarks", run_evaluation, model_dir, data["benchmark_data"],
                            out_dir=out / "eval", batch_size=16, device=device, dtype="float32", log=lambda m: log(f"    {m}"))
+    pope_kinds = report.pope_yes_by_kind(data["benchmark_data"], evaluation["answers"]["pope"])
     shown = clock.run("example questions on held-out images", example_answers, model_dir, data["benchmark_data"], examples,
                       seed, device)
     summary = {"model": model_dir, "projector": projector, "recipe": recipe, "seed": seed, "fast": fast,
                "device": device, "scale": scale,
                "row": evaluation["row"], "metrics": {k: v["score"] for k, v in evaluation["metrics"].items()},
-               "phases": clock.phases, "total_seconds": time.time() - clock.start, "examples": shown,
+               "pope_yes_by_kind": pope_kinds, "phases": clock.phases, "total_seconds": time.time() - clock.start, "examples": shown,
                "tower": tower, "llm": llm, "settings": asdict(settings), "results_markdown": evaluation["files"]["markdown"]}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

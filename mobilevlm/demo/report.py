@@ -1,6 +1,10 @@
 """The demo's closing summary: phase times, the model-zoo row with chance levels, example answers, next commands."""
 from __future__ import annotations
 
+import json
+from collections import defaultdict
+from pathlib import Path
+
 # Expected score of answering at random on the generated sets: GQA-style has 2-5 candidate answers per
 # question type, SQA-style 2-4 options, TextVQA-style two OCR tokens per image, POPE yes/no, MME 5 subtasks x
 # (50 + 25), MMBench 3-4 options under circular evaluation.
@@ -12,6 +16,54 @@ ABOVE_CHANCE = {"GQA": 45.0, "SQA^I": 50.0, "VQA^T": 65.0, "POPE": 72.0, "MME^P"
 def below_expectation(row: dict) -> list[str]:
     """The columns of a model-zoo row that are not clearly above chance (empty when all are)."""
     return [column for column, floor in ABOVE_CHANCE.items() if row.get(column, 0.0) < floor]
+
+
+# The kinds of POPE-style question, by what the image holds of the object asked about. Which of them get "yes"
+# shows what a model checks: one that looks up colour and shape together answers "yes" to the first only, one that
+# checks the colour alone also to "colour only" and "both elsewhere" (docs/demo.md).
+POPE_KINDS = {"present": "present",
+              "both elsewhere": "absent; its colour and its shape both on other objects",
+              "colour only": "absent; its colour on another object, its shape nowhere",
+              "shape only": "absent; its shape on another object, its colour nowhere",
+              "neither": "absent; neither its colour nor its shape in the image"}
+
+
+def pope_yes_by_kind(benchmark_data: str | Path, answers: str | Path) -> dict[str, dict]:
+    """{kind: {"questions": n, "yes": % answered yes}} over the three POPE-style splits of a generated
+    benchmark_data tree ("Is there a <colour> <shape> in the image?"; every object of an image is asked about
+    with label "yes", so the "yes" labels list what it holds)."""
+    replies = {}
+    for line in Path(answers).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            replies[str(row["question_id"])] = row["text"].strip().lower().startswith("yes")
+    asked, said_yes = defaultdict(int), defaultdict(int)
+    for labels_file in sorted((Path(benchmark_data) / "pope" / "coco").glob("coco_pope_*.json")):
+        labels = [json.loads(line) for line in labels_file.read_text().splitlines() if line.strip()]
+        held = defaultdict(set)
+        for row in labels:
+            if row["label"] == "yes":
+                held[row["image"]].add(tuple(_asked_object(row["text"])))
+        for row in labels:
+            if str(row["question_id"]) not in replies:
+                continue
+            color, shape = _asked_object(row["text"])
+            colors, shapes = {c for c, _ in held[row["image"]]}, {s for _, s in held[row["image"]]}
+            if row["label"] == "yes":
+                kind = "present"
+            elif color in colors:
+                kind = "both elsewhere" if shape in shapes else "colour only"
+            else:
+                kind = "shape only" if shape in shapes else "neither"
+            asked[kind] += 1
+            said_yes[kind] += replies[str(row["question_id"])]
+    return {kind: {"questions": asked[kind], "yes": 100.0 * said_yes[kind] / asked[kind]} for kind in POPE_KINDS if asked[kind]}
+
+
+def _asked_object(question: str) -> tuple[str, str]:
+    # "Is there a red circle in the image?" -> ("red", "circle")
+    words = question.split()
+    return words[3], words[4]
 
 
 def format_summary(summary: dict) -> str:
@@ -29,6 +81,11 @@ def format_summary(summary: dict) -> str:
               "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
               f"| demo {summary['projector']} | " + " | ".join(_fmt(row[c]) for c in columns) + " |",
               "| chance | " + " | ".join(_fmt(CHANCE[c]) if c in CHANCE else "" for c in columns) + " |", ""]
+    by_kind = summary.get("pope_yes_by_kind")
+    if by_kind:
+        lines += ["POPE-style questions answered \"yes\", by what the image holds of the object asked about:"]
+        lines += [f"  {POPE_KINDS[kind]:<58} {share['yes']:5.1f} % of {share['questions']}" for kind, share in by_kind.items()]
+        lines.append("")
     weak = below_expectation(row)
     if weak:
         lines += [f"Not clearly above chance yet (below {', '.join(f'{c} {ABOVE_CHANCE[c]:g}' for c in weak)}): see docs/demo.md.", ""]
