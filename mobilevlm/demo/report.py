@@ -1,9 +1,11 @@
-"""The demo's closing summary: phase times, the model-zoo row with chance levels, example answers, next commands."""
+"""The demo's closing summary: phase times, the model-zoo row with chance levels, what the yes/no answers check,
+example answers, next commands."""
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
+
+from mobilevlm.eval.records import qid, read_answers, read_jsonl
 
 # Expected score of answering at random on the generated sets: GQA-style has 2-5 candidate answers per
 # question type, SQA-style 2-4 options, TextVQA-style two OCR tokens per image, POPE yes/no, MME 5 subtasks x
@@ -32,20 +34,16 @@ def pope_yes_by_kind(benchmark_data: str | Path, answers: str | Path) -> dict[st
     """{kind: {"questions": n, "yes": % answered yes}} over the three POPE-style splits of a generated
     benchmark_data tree ("Is there a <colour> <shape> in the image?"; every object of an image is asked about
     with label "yes", so the "yes" labels list what it holds)."""
-    replies = {}
-    for line in Path(answers).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            replies[str(row["question_id"])] = row["text"].strip().lower().startswith("yes")
+    replies = {qid(row["question_id"]): row["text"].strip().lower().startswith("yes") for row in read_answers(Path(answers))}
     asked, said_yes = defaultdict(int), defaultdict(int)
     for labels_file in sorted((Path(benchmark_data) / "pope" / "coco").glob("coco_pope_*.json")):
-        labels = [json.loads(line) for line in labels_file.read_text().splitlines() if line.strip()]
+        labels = read_jsonl(labels_file, required=("question_id", "image", "text", "label"), what="POPE label file")
         held = defaultdict(set)
         for row in labels:
             if row["label"] == "yes":
-                held[row["image"]].add(tuple(_asked_object(row["text"])))
+                held[row["image"]].add(_asked_object(row["text"]))
         for row in labels:
-            if str(row["question_id"]) not in replies:
+            if qid(row["question_id"]) not in replies:
                 continue
             color, shape = _asked_object(row["text"])
             colors, shapes = {c for c, _ in held[row["image"]]}, {s for _, s in held[row["image"]]}
@@ -56,7 +54,7 @@ def pope_yes_by_kind(benchmark_data: str | Path, answers: str | Path) -> dict[st
             else:
                 kind = "shape only" if shape in shapes else "neither"
             asked[kind] += 1
-            said_yes[kind] += replies[str(row["question_id"])]
+            said_yes[kind] += replies[qid(row["question_id"])]
     return {kind: {"questions": asked[kind], "yes": 100.0 * said_yes[kind] / asked[kind]} for kind in POPE_KINDS if asked[kind]}
 
 
