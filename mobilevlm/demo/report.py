@@ -38,21 +38,23 @@ def pope_yes_by_kind(benchmark_data: str | Path, answers: str | Path) -> dict[st
     asked, said_yes = defaultdict(int), defaultdict(int)
     for labels_file in sorted((Path(benchmark_data) / "pope" / "coco").glob("coco_pope_*.json")):
         labels = read_jsonl(labels_file, required=("question_id", "image", "text", "label"), what="POPE label file")
-        held = defaultdict(set)
+        colors, shapes = defaultdict(set), defaultdict(set)  # per image, from its "yes" questions
         for row in labels:
             if row["label"] == "yes":
-                held[row["image"]].add(_asked_object(row["text"]))
+                color, shape = _asked_object(row["text"])
+                colors[row["image"]].add(color)
+                shapes[row["image"]].add(shape)
         for row in labels:
             if qid(row["question_id"]) not in replies:
                 continue
             color, shape = _asked_object(row["text"])
-            colors, shapes = {c for c, _ in held[row["image"]]}, {s for _, s in held[row["image"]]}
+            colors_held, shapes_held = colors[row["image"]], shapes[row["image"]]
             if row["label"] == "yes":
                 kind = "present"
-            elif color in colors:
-                kind = "both elsewhere" if shape in shapes else "colour only"
+            elif color in colors_held:
+                kind = "both elsewhere" if shape in shapes_held else "colour only"
             else:
-                kind = "shape only" if shape in shapes else "neither"
+                kind = "shape only" if shape in shapes_held else "neither"
             asked[kind] += 1
             said_yes[kind] += replies[qid(row["question_id"])]
     return {kind: {"questions": asked[kind], "yes": 100.0 * said_yes[kind] / asked[kind]} for kind in POPE_KINDS if asked[kind]}
