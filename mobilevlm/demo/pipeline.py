@@ -31,6 +31,8 @@ class DemoSettings:
     # three runs tried, with 1000 in none of seven (on three stage-I checkpoints; docs/demo.md). 4000 captions,
     # two epochs: 1000 updates.
     pretrain_samples: int = 4000
+    # Twice as many (4400) gave GQA-style +3 points over four seeds and one more seed a yes/no check, but take the
+    # full demo to ~11 minutes; 3000 gave neither (docs/demo.md).
     finetune_samples: int = 2200
     eval_sizes: dict = field(default_factory=lambda: dict(benchmarks.FULL_SIZES))
     vocab_size: int = 1000
