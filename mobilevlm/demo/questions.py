@@ -93,8 +93,19 @@ def absent_objects(scene: Scene, strategy: str, rng: random.Random, k: int, popu
     raise ValueError(f"unknown negative-sampling strategy {strategy!r}")
 
 
+_EXISTS = "Is there a {} in the image?"
+
+
 def exists_question(name: str) -> str:
-    return f"Is there a {name} in the image?"
+    return _EXISTS.format(name)
+
+
+def asked_object(question: str) -> str:
+    """The object an `exists_question` names ("red circle"), read back with the same wording."""
+    prefix, suffix = _EXISTS.split("{}")
+    if not (question.startswith(prefix) and question.endswith(suffix)):
+        raise ValueError(f"not an existence question: {question!r}")
+    return question[len(prefix):len(question) - len(suffix)]
 
 
 def yes_no_questions(scene: Scene, rng: random.Random) -> list[QA]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from mobilevlm.demo.questions import asked_object
 from mobilevlm.eval.records import qid, read_answers, read_jsonl
 
 # Expected score of answering at random on the generated sets: GQA-style has 2-5 candidate answers per
@@ -41,13 +42,13 @@ def pope_yes_by_kind(benchmark_data: str | Path, answers: str | Path) -> dict[st
         colors, shapes = defaultdict(set), defaultdict(set)  # per image, from its "yes" questions
         for row in labels:
             if row["label"] == "yes":
-                color, shape = _asked_object(row["text"])
+                color, shape = asked_object(row["text"]).split()
                 colors[row["image"]].add(color)
                 shapes[row["image"]].add(shape)
         for row in labels:
             if qid(row["question_id"]) not in replies:
                 continue
-            color, shape = _asked_object(row["text"])
+            color, shape = asked_object(row["text"]).split()
             colors_held, shapes_held = colors[row["image"]], shapes[row["image"]]
             if row["label"] == "yes":
                 kind = "present"
@@ -58,12 +59,6 @@ def pope_yes_by_kind(benchmark_data: str | Path, answers: str | Path) -> dict[st
             asked[kind] += 1
             said_yes[kind] += replies[qid(row["question_id"])]
     return {kind: {"questions": asked[kind], "yes": 100.0 * said_yes[kind] / asked[kind]} for kind in POPE_KINDS if asked[kind]}
-
-
-def _asked_object(question: str) -> tuple[str, str]:
-    # "Is there a red circle in the image?" -> ("red", "circle")
-    words = question.split()
-    return words[3], words[4]
 
 
 def format_summary(summary: dict) -> str:
