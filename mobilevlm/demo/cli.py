@@ -11,7 +11,7 @@ def register(subparsers) -> None:
                     "pre-train a tokenizer, a CLIP tower and a MobileLLaMA; run stage I and stage II; evaluate; answer "
                     "a few questions about held-out images.")
     parser.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
-    parser.add_argument("--fast", action="store_true", help="the same training on half the images, smaller test sets (the CI variant)")
+    parser.add_argument("--fast", action="store_true", help="the same training, smaller test sets (the CI variant)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
     parser.add_argument("--projector", choices=("ldpnetv2", "ldpnet"), default="ldpnetv2",
                         help="ldpnetv2: the MobileVLM V2 recipe (default); ldpnet: the V1 recipe")
