@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # robust 2-thread timings w
 PRESETS = {"1.7b": "mobilevlm_v2_1.7b", "3b": "mobilevlm_v2_3b", "tiny": "tiny_v2"}
 CONFIGS = {"cpu": ("hf-fp32", "hf-bf16", "fast-bf16", "fast-int8", "fast-int4", "llama.cpp-q8_0", "llama.cpp-q4_0"),
            "cuda": ("hf-fp16", "hf-bf16", "fast-fp16", "fast-bf16")}
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SAME_BITS = {"fast-int8": "llama.cpp-q8_0", "fast-int4": "llama.cpp-q4_0"}
 PROMPT_TEXT_TOKENS = 56
 QUALITY_TOKENS = 16
@@ -147,7 +146,7 @@ def _torch_runner(name: str, root: Path, threads: int, device: str):
 
     family, kind = name.split("-")
     if family == "hf":
-        _, model, processor, _ = load_pretrained_model(root / "bf16", device=device, dtype=DTYPES[kind])
+        _, model, processor, _ = load_pretrained_model(root / "bf16", device=device, dtype=kind)
         state = {}
 
         def prefill(embeds):
@@ -163,7 +162,7 @@ def _torch_runner(name: str, root: Path, threads: int, device: str):
     else:
         quantized = kind.startswith("int")
         pipe = FastPipeline.from_pretrained(root / (kind if quantized else "bf16"), device=device,
-                                            dtype="bfloat16" if quantized else DTYPES[kind])
+                                            dtype="bfloat16" if quantized else kind)
         model, processor, decoder = pipe.model, pipe.image_processor, pipe.decoder
         prefill, step = decoder.prefill, decoder.step
     pixels = process_images([_image()], processor, "pad").to(device, model.dtype)
@@ -224,13 +223,15 @@ def measure_torch(name: str, root: Path, args) -> dict:
 def measure_llamacpp(name: str, root: Path, args) -> dict:
     import numpy as np
 
+    import llama_cpp as lib
+
     from mobilevlm.export.llamacpp_runtime import LlamaCppVLM
 
     folder = root / f"gguf-{name.split('-')[1]}"
     mmproj = next(folder.glob("mmproj*.gguf"))
     llm_file = next(p for p in folder.glob("*.gguf") if p != mmproj)
     vlm = LlamaCppVLM(llm_file, mmproj, n_ctx=512, n_threads=args.threads)
-    lib, ctx = vlm._lib, vlm.llm._ctx.ctx
+    ctx = vlm.llm.ctx
     n_vocab = vlm.llm.n_vocab()
     _, plain = _prompt(144, n_vocab)
     image = _image()

@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 from mobilevlm.config import MobileVLMConfig, get_preset  # noqa: E402
 from mobilevlm.model import MobileLlamaForCausalLM, MobileLlamaModel, register_auto_classes  # noqa: E402
 from mobilevlm.model.loading import load_pretrained_model  # noqa: E402
+# Registers `mobilevlm quantize`'s directories with load_pretrained_model (the model layer does not import fast/).
+import mobilevlm.fast.checkpoint  # noqa: E402,F401
 
 register_auto_classes()
 

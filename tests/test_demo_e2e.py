@@ -7,7 +7,7 @@ import pytest
 
 from mobilevlm.demo import pipeline as P
 from mobilevlm.demo.report import below_expectation, format_summary
-from mobilevlm.testing import toy_demo_settings
+from mobilevlm.demo.toy import toy_demo_settings
 
 
 def test_cli_registers_demo_with_its_options():

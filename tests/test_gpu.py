@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mobilevlm.demo.toy import toy_demo_settings
 from mobilevlm.fast.decoder import LeanDecoder
 from mobilevlm.fast.pipeline import FastPipeline
 from mobilevlm.generation import GenerationSettings, Pipeline
-from mobilevlm.testing import make_tiny_checkpoint, toy_demo_settings
+from mobilevlm.testing import make_tiny_checkpoint
 from mobilevlm.train import run_training
 from mobilevlm.train.synthetic import make_training_setup
 

@@ -44,7 +44,7 @@ class LlamaCppVLM:
             params.use_gpu = False
             params.n_threads = n_threads
             params.print_timings = False
-            self.mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm._model.model, params)
+            self.mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
             if not self.mtmd:
                 raise CheckpointError(f"{mmproj_path}: llama.cpp could not load it as an mmproj for {model_path}")
 
@@ -76,7 +76,7 @@ class LlamaCppVLM:
         return self._greedy(lambda: self.llm.scores[self.llm.n_tokens - 1], lambda t: self.llm.eval([t]), max_new_tokens)
 
     def _eos(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._lib.llama_model_get_vocab(self.llm._model.model), token))
+        return bool(self._lib.llama_vocab_is_eog(self._lib.llama_model_get_vocab(self.llm.model), token))
 
     def _greedy(self, last_logits, feed, max_new_tokens: int) -> list[int]:
         out: list[int] = []
@@ -139,7 +139,7 @@ class LlamaCppVLM:
             if m.mtmd_encode_chunk(self.mtmd, chunk) != 0:
                 raise CheckpointError("llama.cpp failed to encode the image")
             n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
-            n_embd = self._lib.llama_model_n_embd(self.llm._model.model)
+            n_embd = self._lib.llama_model_n_embd(self.llm.model)
             flat = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.mtmd), shape=(n_tokens * n_embd,))
             return flat.copy().reshape(n_tokens, n_embd)
         finally:
@@ -148,7 +148,7 @@ class LlamaCppVLM:
     def greedy_multimodal(self, prompt: str, image, max_new_tokens: int) -> list[int]:
         """Greedy continuation of `prompt` (containing MEDIA_MARKER) with `image`, through mtmd's eval path."""
         lib, m = self._lib, self._mtmd_lib
-        ctx = self.llm._ctx.ctx
+        ctx = self.llm.ctx
         self.llm.reset()
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         chunks = self._chunks(prompt, image)

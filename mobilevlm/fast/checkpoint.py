@@ -2,7 +2,9 @@
 file of int8/int4 weights + bf16 rest, and the source's tokenizer / preprocessor files; `load_quantized` builds
 the model skeleton on the meta device and assigns the stored tensors, so loading never holds a full-precision
 copy (peak memory ~ the quantized size). The token embedding table stays in the file, memory-mapped: a prompt
-reads only its tokens' rows, so it costs a few pages of resident memory instead of 131 MB at 1.7B."""
+reads only its tokens' rows, so it costs a few pages of resident memory instead of the whole table.
+
+Importing this module registers the format with `load_pretrained_model` (the package's `__init__` does)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mobilevlm.errors import CheckpointError
+from mobilevlm.errors import CheckpointError, MobileVLMError
 from mobilevlm.fast.memory import release_freed_memory
 from mobilevlm.fast.quantize import (QUANTIZED_CLASSES, Int4Linear, Int8Linear, quantizable_linears, quantized_class,
                                      to_bfloat16)
+from mobilevlm.model.loading import read_config, register_checkpoint_format
 
 WEIGHTS = "model.safetensors"
 # Non-weight files of a checkpoint directory that a quantized copy needs unchanged.
@@ -171,7 +174,6 @@ def _check_shape(key: str, expected: torch.Tensor, tensor: torch.Tensor) -> None
 
 def load_quantized(model_dir):
     """(tokenizer, model, image_processor, context_len) from a directory written by `save_quantized`."""
-    from mobilevlm.model.loading import read_config
     from mobilevlm.processing import build_image_processor
     from mobilevlm.tokenizer import load_tokenizer
 
@@ -193,3 +195,13 @@ def load_quantized(model_dir):
     if config.is_multimodal:
         image_processor = build_image_processor(config.vision_config().image_size, model_dir, config.mm_vision_tower)
     return tokenizer, model.eval(), image_processor, config.context_length
+
+
+def _load_for_device(model_dir, device, dtype):
+    """`load_pretrained_model`'s view of the format; the stored weights fix the dtype."""
+    if str(device) != "cpu":
+        raise MobileVLMError(f"{model_dir} is a quantized CPU checkpoint; load the full-precision one on {device}")
+    return load_quantized(model_dir)
+
+
+register_checkpoint_format("quantized", is_quantized_checkpoint, _load_for_device)

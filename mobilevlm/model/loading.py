@@ -6,6 +6,9 @@ Differences from the original loader, on purpose:
 - on CPU the default dtype is float32 (fp16 checkpoints are converted: fp16 matmuls are very slow on CPUs);
   bfloat16 is available with `dtype="bfloat16"`;
 - a missing or wrong-shaped weight is an error naming the keys, not a warning and a randomly initialised layer.
+
+Directories in a format of another layer (the CPU fast path's quantized checkpoints) load through
+`register_checkpoint_format`: the format registers itself here, so this module never imports it.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -25,6 +29,20 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 HARMLESS_EXTRA_KEYS = ("rotary_emb.inv_freq", "position_ids")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointFormat(NamedTuple):
+    recognises: Callable[[Path], bool]
+    # (model_dir, device, dtype) -> (tokenizer, model, image_processor, context_len)
+    load: Callable[[Path, str, str | torch.dtype | None], tuple]
+
+
+CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_checkpoint_format(name: str, recognises: Callable[[Path], bool], load: Callable) -> None:
+    """`load_pretrained_model` hands a directory that `recognises` accepts to `load` instead of transformers."""
+    CHECKPOINT_FORMATS[name] = CheckpointFormat(recognises, load)
 
 
 def resolve_model_dir(model_path: str | os.PathLike) -> Path:
@@ -117,15 +135,13 @@ def load_pretrained_model(model_path, load_8bit: bool = False, load_4bit: bool =
                           device: str = "cpu", dtype: str | torch.dtype | None = None):
     """Returns `(tokenizer, model, image_processor, context_len)` like the original; image_processor is None for
     text-only MobileLLaMA checkpoints."""
-    from mobilevlm.fast.checkpoint import is_quantized_checkpoint, load_quantized
     from mobilevlm.processing import build_image_processor
     from mobilevlm.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(model_path)
-    if is_quantized_checkpoint(model_dir):  # written by `mobilevlm quantize`: int8 / int4 CPU weights
-        if str(device) != "cpu":
-            raise MobileVLMError(f"{model_dir} is a quantized CPU checkpoint; load the full-precision one on {device}")
-        return load_quantized(model_dir)
+    for checkpoint_format in CHECKPOINT_FORMATS.values():
+        if checkpoint_format.recognises(model_dir):
+            return checkpoint_format.load(model_dir, device, dtype)
     config = read_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, config, resolve_dtype(dtype, device), device, device_map,
