@@ -5,8 +5,6 @@ import ipaddress
 import os
 import sys
 
-MiB = 1024 * 1024
-
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page",
@@ -66,7 +64,7 @@ def run_serve(args) -> int:
     import uvicorn
 
     from mobilevlm.generation import Pipeline
-    from mobilevlm.serve.app import ServerSettings, create_app
+    from mobilevlm.serve.app import MiB, ServerSettings, create_app
 
     if args.max_queue < 1:
         print("mobilevlm serve: error: --max-queue must be at least 1", file=sys.stderr)
