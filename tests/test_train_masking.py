@@ -79,11 +79,24 @@ def test_empty_answer_is_a_reported_mismatch_not_silent(tok):
     assert (result.labels == IGNORE_INDEX).all()
 
 
+def span(ids, part):
+    """The positions of `part` as a contiguous run in `ids`."""
+    for start in range(len(ids) - len(part) + 1):
+        if ids[start: start + len(part)] == part:
+            return range(start, start + len(part))
+    raise AssertionError(f"{part} is not in {ids}")
+
+
 def test_v0_masks_human_turns_after_the_cue(tok):
-    result = preprocess("v0", turns("Hello world!", "Fine."), tok, False, 2048)
-    labels = result.labels.tolist()
-    assert labels[0] == IGNORE_INDEX and any(label != IGNORE_INDEX for label in labels)
-    assert "Fine." in tok.decode(supervised(result))
+    sample = turns("Hello world!", "Fine.", "Where is the cat?", "The cat is on the mat.")
+    result = preprocess("v0", sample, tok, False, 2048)
+    ids, labels = result.input_ids.tolist(), result.labels.tolist()
+    for human in ("Hello world!", "Where is the cat?"):
+        assert all(labels[i] == IGNORE_INDEX for i in span(ids, pieces(tok, human))), human
+    for answer in ("Fine.", "The cat is on the mat."):
+        assert all(labels[i] == ids[i] for i in span(ids, pieces(tok, answer))), answer
+    system = pieces(tok, "A chat between a curious human")
+    assert all(labels[i] == IGNORE_INDEX for i in span(ids, system))
 
 
 def test_move_image_tag_first():
