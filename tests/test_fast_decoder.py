@@ -2,6 +2,7 @@
 import pytest
 import torch
 from PIL import Image
+from transformers import LlamaForCausalLM
 
 from mobilevlm.fast.decoder import LeanDecoder
 from mobilevlm.fast.pipeline import FastPipeline, sample_next
@@ -88,8 +89,16 @@ def test_stream_stop_strings_and_sampling(checkpoints):
     first = fast.generate(prompt, max_new_tokens=12, temperature=0.9, top_p=0.9)
     torch.manual_seed(0)
     assert fast.generate(prompt, max_new_tokens=12, temperature=0.9, top_p=0.9) == first
-    # beam search and batches go through the transformers path and still work
-    assert fast.generate(prompt, max_new_tokens=6, num_beams=2) is not None
+    # beam search and batches go through the transformers path: transformers' own beam search on the same weights
+    ids = torch.tensor([fast.encode(prompt, None, 6)[0]])
+    reference = Pipeline.from_pretrained(checkpoints["tiny_llama"], dtype="float32").model
+    with torch.inference_mode():
+        beams = [LlamaForCausalLM.generate(reference, ids, num_beams=n, do_sample=False, max_new_tokens=6,
+                                           eos_token_id=fast.tokenizer.eos_token_id,
+                                           pad_token_id=fast.tokenizer.pad_token_id)[0, ids.shape[1]:]
+                 for n in (2, 1)]
+    assert beams[0].tolist() != beams[1].tolist()  # the beams find another answer than greedy here
+    assert fast.generate(prompt, max_new_tokens=6, num_beams=2) == fast.tokenizer.decode(beams[0], skip_special_tokens=True).strip()
     assert fast.generate_batch([(prompt, None), (prompt, None)], max_new_tokens=8) == [fast.generate(prompt, max_new_tokens=8)] * 2
 
 

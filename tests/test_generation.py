@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from transformers import LlamaForCausalLM
 
 from mobilevlm.errors import PromptError
 from mobilevlm.processing import process_images, tokenizer_image_token
@@ -130,7 +131,29 @@ def test_sampling_and_beams(tiny_pipeline, images):
     first = tiny_pipeline.generate(prompt, images[:1], temperature=0.9, top_p=0.9, max_new_tokens=6)
     torch.manual_seed(0)
     assert tiny_pipeline.generate(prompt, images[:1], temperature=0.9, top_p=0.9, max_new_tokens=6) == first
-    assert isinstance(tiny_pipeline.generate(prompt, images[:1], num_beams=2, max_new_tokens=6), str)
+
+
+def transformers_beam_search(pipe, prompt: str, pil_images, beams: int, steps: int) -> list[int]:
+    """transformers' own generate (beam search when beams > 1) on the prompt with its images spliced in."""
+    ids, pixels, _ = pipe.encode(prompt, pil_images, steps)
+    ids = torch.tensor([ids])
+    with torch.inference_mode():
+        embeds, mask, _, _ = pipe.model.prepare_inputs_labels_for_multimodal(ids, torch.ones_like(ids), None, pixels)
+        out = LlamaForCausalLM.generate(pipe.model, inputs_embeds=embeds, attention_mask=mask, num_beams=beams,
+                                        do_sample=False, max_new_tokens=steps, eos_token_id=pipe.tokenizer.eos_token_id,
+                                        pad_token_id=pipe.tokenizer.pad_token_id)
+    return out[0].tolist()
+
+
+def test_beam_search_is_transformers_beam_search(tiny_pipeline, images):
+    prompt = tiny_pipeline.build_prompt("What is in the image?")
+    beams = transformers_beam_search(tiny_pipeline, prompt, images[:1], beams=2, steps=6)
+    assert beams != transformers_beam_search(tiny_pipeline, prompt, images[:1], beams=1, steps=6)  # not greedy's
+    ids, pixels, budget = tiny_pipeline.encode(prompt, images[:1], 6)
+    settings = tiny_pipeline._settings({"num_beams": 2, "max_new_tokens": 6})
+    assert tiny_pipeline._generate_ids([ids], pixels, settings, budget)[0].tolist() == beams
+    answer = tiny_pipeline.generate(prompt, images[:1], num_beams=2, max_new_tokens=6)
+    assert answer == tiny_pipeline.tokenizer.decode(beams, skip_special_tokens=True).strip()
 
 
 def test_chat_keeps_history(tiny_pipeline, images):
