@@ -99,7 +99,7 @@ def test_data_urls():
     wrapped = "\n".join(encoded[i:i + 10] for i in range(0, len(encoded), 10))  # MIME-style line breaks are fine
     assert decode_data_url(f"data:image/png;base64,{wrapped}", "f", 10_000) == picture.getvalue()
     loaded = fetch_image(f"data:image/png;base64,{encoded}", "f", max_bytes=10_000, max_pixels=10, allow_remote=False)
-    assert loaded.mode == "RGB" and loaded.size == (3, 2)
+    assert loaded.data == picture.getvalue() and (loaded.width, loaded.height) == (3, 2)
     with pytest.raises(ApiError, match="only base64"):
         decode_data_url("data:image/png,rawbytes", "f", 10_000)
     with pytest.raises(ApiError, match="malformed"):

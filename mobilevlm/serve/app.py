@@ -1,11 +1,6 @@
 """The FastAPI application: OpenAI-compatible chat completions (plain and SSE), model list, health, web page."""
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import json
-import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -14,21 +9,26 @@ from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from mobilevlm.errors import MobileVLMError
+from mobilevlm.serve.admission import Admission
 from mobilevlm.serve.apierror import ApiError
+from mobilevlm.serve.budget import MiB, MemoryBudget
 from mobilevlm.serve.images import fetch_image
 from mobilevlm.serve.messages import render_messages
+from mobilevlm.serve.middleware import ApiKeyMiddleware, HostCheckMiddleware, JsonOnlyMiddleware
+from mobilevlm.serve.pixels import with_pixels
+from mobilevlm.serve.responses import Reply, complete, internal_error, stream_events
 from mobilevlm.serve.schema import parse_chat_request
 from mobilevlm.serve.worker import Job, QueueFull, WorkQueue
 
+__all__ = ["MiB", "ServerSettings", "create_app"]
 STATIC = Path(__file__).parent / "static"
-MiB = 1024 * 1024
 
 
 @dataclass
@@ -46,91 +46,40 @@ class ServerSettings:
     # Names the Host header may carry (port aside); None: any. `mobilevlm serve` on a loopback address allows only
     # its loopback names: a web page whose domain an attacker re-points to 127.0.0.1 (DNS rebinding) is then refused.
     allowed_hosts: tuple[str, ...] | None = None
-
-
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-def host_name(host_header: str) -> str:
-    """The name in a Host header, without the port and the brackets of an IPv6 literal, lower-cased."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-class HostCheckMiddleware:
-    """Refuses requests whose Host header names none of `allowed` (HTTP 400)."""
-
-    def __init__(self, app, allowed: tuple[str, ...]):
-        self.app, self.allowed = app, {name.lower() for name in allowed}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            host = Headers(scope=scope).get("host", "")
-            if host_name(host) not in self.allowed:
-                error = ApiError(400, f"Host {host!r} is not a name of this server ({', '.join(sorted(self.allowed))}); "
-                                      "start it with --allowed-host NAME to add one", code="invalid_host")
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class ApiKeyMiddleware:
-    """Every route needs the key: `Authorization: Bearer KEY` (API clients) or HTTP Basic with the key as the
-    password, which lets a browser open the web page through its own login prompt and reuse it for the page's
-    requests."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    def _authorized(self, headers: Headers) -> bool:
-        scheme, _, credential = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "basic":
-            try:
-                credential = base64.b64decode(credential.strip(), validate=True).decode().partition(":")[2]
-            except (binascii.Error, UnicodeDecodeError):
-                return False
-        elif scheme.lower() != "bearer":
-            return False
-        return secrets.compare_digest(credential.strip().encode(), self.key)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not self._authorized(Headers(scope=scope)):
-            error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                             code="invalid_api_key", headers={"WWW-Authenticate": 'Basic realm="mobilevlm"'})
-            await error.response()(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is {declared} bytes, the limit is {limit}", code="request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-    return bytes(body)
+    # The one web origin (scheme://host[:port]) whose pages may call the API from a browser; None: no CORS at all.
+    cors_origin: str | None = None
+    memory_budget_bytes: int = 1024 * MiB  # request bodies + images being decoded + queued pixel tensors
+    budget_wait_s: float = 2.0  # how long a request waits for budget (or a body reader) before its 429
+    body_readers: int = 8
+    decode_workers: int = 2
+    body_timeout_s: float = 30.0
 
 
 def create_app(pipeline, settings: ServerSettings) -> FastAPI:
     work = WorkQueue(pipeline, settings.max_queue)
+    budget = MemoryBudget(settings.memory_budget_bytes, settings.budget_wait_s)
+    admission = Admission(pipeline, budget, settings.max_body_bytes, settings.body_readers, settings.decode_workers,
+                          settings.body_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         work.start()
         yield
         work.stop()
+        admission.close()
 
     app = FastAPI(title="MobileVLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.work = work
+    app.state.work, app.state.budget = work, budget
+    # Each add_middleware wraps what is there, so the last added runs first: Host, then CORS (a preflight carries
+    # no credentials, so it is answered before the key check), then the key, then the JSON-only check.
+    app.add_middleware(JsonOnlyMiddleware)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=[settings.cors_origin], allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     if settings.allowed_hosts is not None:
-        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)  # added last: runs first
+        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -140,11 +89,15 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
     async def _http_error(request: Request, err: StarletteHTTPException):
         return ApiError(err.status_code, str(err.detail)).response()
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception):
+        return internal_error(err, _request_id()).response()
+
     model_card = {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "mobilevlm"}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "queue": work.stats()}
+        return {"status": "ok", "model": settings.model_name, "queue": work.stats(), "memory": budget.stats()}
 
     @app.get("/v1/models")
     async def models():
@@ -162,34 +115,56 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    fetch = partial(fetch_image, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                    allow_remote=settings.allow_remote_images, allow_private_hosts=settings.allow_private_image_hosts)
+
+    async def admit(request: Request) -> tuple[Job, Reply, bool, bool]:
+        """Reads, checks and prepares one request, up to its job waiting in the queue. Every refusal comes from
+        here, before any response has started; the body's memory is given back on the way out."""
+        _admit(work.ensure_room)  # a full queue answers before the body is even read
+        memory = budget.reservation()
+        try:
+            chat = parse_chat_request(await admission.read_body(request, memory))
+            if chat.model != settings.model_name:
+                raise _unknown_model(chat.model, settings.model_name)
+            job = _admit(work.reserve, _request_id())
+            try:
+                rendered = await run_in_threadpool(render_messages, chat.messages, pipeline.conversation(),
+                                                   fetch, settings.max_images)
+                pixels, pixels_memory = await admission.decode(rendered.images, memory)
+                max_tokens = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens
+                try:  # the checks generation makes, done now so that a bad prompt gets a 400 even when streaming
+                    ids, _, tokens = await run_in_threadpool(with_pixels(pipeline, pixels).encode, rendered.prompt,
+                                                             pixels, max_tokens)
+                except MobileVLMError as err:
+                    pixels_memory.release()
+                    raise ApiError(400, str(err), param="messages") from None
+                generation = dict(temperature=chat.temperature or 0.0, top_p=chat.top_p, max_new_tokens=max_tokens,
+                                  stop=chat.stop_list or None)
+                work.submit(job, rendered.prompt, pixels, generation, chat.seed, pixels_memory)
+            except BaseException:
+                work.unreserve(job)
+                raise
+        finally:
+            memory.release()
+        prompt_tokens = len(ids) + len(pixels) * (pipeline.model.config.num_image_tokens - 1)
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        return job, Reply(pipeline, settings.model_name, prompt_tokens, tokens), chat.stream, include_usage
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        chat = parse_chat_request(await _read_body(request, settings.max_body_bytes))
-        if chat.model != settings.model_name:
-            raise _unknown_model(chat.model, settings.model_name)
-        _admit(work.ensure_room)
-        fetch = partial(fetch_image, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                        allow_remote=settings.allow_remote_images,
-                        allow_private_hosts=settings.allow_private_image_hosts)
-        rendered = await run_in_threadpool(render_messages, chat.messages, pipeline.conversation(),
-                                           fetch, settings.max_images)
-        max_tokens = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens
-        try:  # the same checks generation makes, done now so that a bad prompt gets a 400 even when streaming
-            ids, _, budget = await run_in_threadpool(pipeline.encode, rendered.prompt, rendered.images, max_tokens)
-        except MobileVLMError as err:
-            raise ApiError(400, str(err), param="messages") from None
-        prompt_tokens = len(ids) + len(rendered.images) * (pipeline.model.config.num_image_tokens - 1)
-        generation = dict(temperature=chat.temperature or 0.0, top_p=chat.top_p, max_new_tokens=max_tokens,
-                          stop=chat.stop_list or None)
-        job = _admit(work.submit, rendered.prompt, rendered.images, generation, chat.seed)
-        reply = _Reply(pipeline, settings.model_name, prompt_tokens, budget)
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_sse(work, job, reply, include_usage), media_type="text/event-stream",
+        # the request's messages (and data: URLs) end with `admit`: from here on the job holds what is needed
+        job, reply, stream, include_usage = await admit(request)
+        if stream:
+            return StreamingResponse(stream_events(work, job, reply, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(work, job, reply, request)
+        return await complete(work, job, reply, request)
 
     return app
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _admit(call, *args):
@@ -202,91 +177,3 @@ def _admit(call, *args):
 def _unknown_model(requested: str, served: str) -> ApiError:
     return ApiError(404, f"model {requested!r} does not exist; this server serves {served!r}", param="model",
                     code="model_not_found")
-
-
-def _error_for(err: BaseException) -> ApiError:
-    if isinstance(err, MobileVLMError):
-        return ApiError(400, str(err))
-    return ApiError(500, f"internal error during generation: {type(err).__name__}: {err}")
-
-
-class _Reply:
-    """Builds the OpenAI response objects for one completion."""
-
-    def __init__(self, pipeline, model_name: str, prompt_tokens: int, budget: int):
-        self.pipeline, self.model, self.prompt_tokens, self.budget = pipeline, model_name, prompt_tokens, budget
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def usage_and_finish(self, text: str) -> tuple[dict, str]:
-        # The pipeline returns text, not token ids: the count is of the answer re-tokenized (capped by the
-        # budget, which re-tokenizing can overshoot), and an answer that used the whole budget was cut by it.
-        completion = len(self.pipeline.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-        completion = min(completion, self.budget)
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": self.prompt_tokens + completion}
-        return usage, "length" if completion >= self.budget else "stop"
-
-    def completion(self, text: str) -> dict:
-        usage, finish = self.usage_and_finish(text)
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish}], "usage": usage}
-
-    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
-
-
-async def _watch_disconnect(request: Request, work: WorkQueue, job: Job) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.2)
-    work.cancel(job)
-
-
-async def _complete(work: WorkQueue, job: Job, reply: _Reply, request: Request) -> JSONResponse:
-    watcher = asyncio.create_task(_watch_disconnect(request, work, job))
-    pieces = []
-    try:
-        while True:
-            kind, value = await job.next_event()
-            if kind == "piece":
-                pieces.append(value)
-            elif kind == "error":
-                raise _error_for(value)
-            elif kind == "cancelled":  # the client has gone; this response is for the log only
-                raise ApiError(499, "client closed the request")
-            else:
-                break
-    finally:
-        watcher.cancel()
-        work.cancel(job)
-    return JSONResponse(reply.completion("".join(pieces).strip()))
-
-
-async def _sse(work: WorkQueue, job: Job, reply: _Reply, include_usage: bool):
-    """OpenAI's chunk stream; the generator is cancelled when the client disconnects, which cancels the job."""
-    pieces = []
-    try:
-        yield reply.chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, value = await job.next_event()
-            if kind == "piece":
-                pieces.append(value)
-                yield reply.chunk({"content": value})
-            elif kind == "error":
-                yield f"data: {json.dumps(_error_for(value).body())}\n\n"
-                break
-            elif kind == "cancelled":
-                return
-            else:
-                usage, finish = reply.usage_and_finish("".join(pieces))
-                yield reply.chunk({}, finish)
-                if include_usage:
-                    yield reply.chunk({}, usage=usage, choices=False)
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        work.cancel(job)

@@ -31,6 +31,12 @@ def register(subparsers) -> None:
     serve.add_argument("--max-image-pixels", type=int, default=50_000_000,
                        help="largest image in pixels, checked before decoding (HTTP 400 beyond)")
     serve.add_argument("--max-images", type=int, default=8, help="most images in one request")
+    serve.add_argument("--memory-budget-mb", type=float, default=1024,
+                       help="memory for request bodies, images being decoded and queued images together; a request "
+                            "that finds it taken waits briefly, then gets HTTP 429 (413 if it could never fit)")
+    serve.add_argument("--cors-origin", default=None, metavar="ORIGIN",
+                       help="let web pages from this one origin (e.g. https://app.example.org) call the API from a "
+                            "browser; without it no cross-origin page can")
     serve.add_argument("--max-tokens", type=int, default=512, help="answer length when a request names none")
     serve.add_argument("--conv-mode", default="v1", help="prompt template (v1, plain, llava_llama_2, llama_2, v0)")
     serve.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -49,9 +55,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _is_origin(origin: str) -> bool:
+    """scheme://host[:port] exactly as a browser's Origin header carries it (the CORS check compares strings)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(origin)
+    return (parts.scheme in ("http", "https") and bool(parts.netloc) and "@" not in parts.netloc
+            and origin == f"{parts.scheme}://{parts.netloc.lower()}")
+
+
 def _allowed_hosts(bind: str, extra: list[str]) -> tuple[str, ...] | None:
     if _is_loopback(bind):
-        from mobilevlm.serve.app import LOOPBACK_HOSTS
+        from mobilevlm.serve.middleware import LOOPBACK_HOSTS
 
         return (*LOOPBACK_HOSTS, *extra)
     return tuple(extra) or None
@@ -68,6 +83,13 @@ def run_serve(args) -> int:
 
     if args.max_queue < 1:
         print("mobilevlm serve: error: --max-queue must be at least 1", file=sys.stderr)
+        return 2
+    if args.memory_budget_mb <= 0:
+        print("mobilevlm serve: error: --memory-budget-mb must be positive", file=sys.stderr)
+        return 2
+    if args.cors_origin is not None and not _is_origin(args.cors_origin):
+        print(f"mobilevlm serve: error: --cors-origin {args.cors_origin!r} is not an origin: give scheme://host[:port], "
+              "as a browser sends it (no path, no '*')", file=sys.stderr)
         return 2
     if not _is_loopback(args.host) and not args.api_key:
         print(f"mobilevlm serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
@@ -86,7 +108,8 @@ def run_serve(args) -> int:
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, default_max_tokens=args.max_tokens,
-        allowed_hosts=_allowed_hosts(args.host, args.allowed_host))
+        allowed_hosts=_allowed_hosts(args.host, args.allowed_host), cors_origin=args.cors_origin,
+        memory_budget_bytes=int(args.memory_budget_mb * MiB))
     print(f"mobilevlm serve: model {settings.model_name!r} at http://{args.host}:{args.port}/ "
           f"(API at /v1, queue limit {args.max_queue})", file=sys.stderr)
     uvicorn.run(create_app(pipeline, settings), host=args.host, port=args.port, log_level="info")

@@ -1,7 +1,8 @@
 """Images sent in chat messages: base64 `data:` URLs, and http(s) URLs only where the operator allows them.
 
 Every limit is checked before the costly step it protects: the encoded length before base64 decoding, the
-byte count and the time while downloading, the pixel count from the image header before decoding (`load_image`).
+byte count and the time while downloading, the pixel count from the image header (`fetch_image` reads only the
+header; decoding happens later, within the server's memory budget).
 
 A downloading server can be made to reach addresses its clients cannot (cloud metadata endpoints, services on the
 private network, itself), so remote URLs whose host resolves to a non-public address are refused unless the operator
@@ -21,11 +22,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from PIL import Image
-
-from mobilevlm.errors import ImageError
-from mobilevlm.processing import load_image
 from mobilevlm.serve.apierror import ApiError
+from mobilevlm.serve.pixels import ImageFile, probe_image
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 FETCH_TIMEOUT_S = 15  # for each network operation, and for the whole download
@@ -125,8 +123,8 @@ def fetch_url(url: str, where: str, max_bytes: int, allow_private: bool = False)
 
 
 def fetch_image(url: str, where: str, *, max_bytes: int, max_pixels: int, allow_remote: bool,
-                allow_private_hosts: bool = False) -> Image.Image:
-    """The RGB image an `image_url` part points to; ApiError (400 / 413) naming `where` otherwise."""
+                allow_private_hosts: bool = False) -> ImageFile:
+    """The image file an `image_url` part points to, its header checked; ApiError (400 / 413) naming `where`."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         data = decode_data_url(url, where, max_bytes)
@@ -138,7 +136,4 @@ def fetch_image(url: str, where: str, *, max_bytes: int, max_pixels: int, allow_
     else:
         raise ApiError(400, f"{where}: unsupported image URL scheme {scheme or url[:20]!r}; use a base64 data: URL",
                        param=where)
-    try:
-        return load_image(data, max_pixels=max_pixels, name=where)
-    except ImageError as err:
-        raise ApiError(400, str(err), param=where, code="invalid_image") from None
+    return probe_image(data, where, max_pixels)

@@ -13,20 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from PIL import Image
-
 from mobilevlm.constants import DEFAULT_IMAGE_TOKEN
 from mobilevlm.conversation import Conversation
 from mobilevlm.serve.apierror import ApiError
+from mobilevlm.serve.pixels import ImageFile
 from mobilevlm.serve.schema import ImagePart, Message
 
-ImageFetcher = Callable[[str, str], Image.Image]  # (url, field name) -> image
+ImageFetcher = Callable[[str, str], ImageFile]  # (url, field name) -> the image's file, header checked
 
 
 @dataclass
 class RenderedPrompt:
     prompt: str
-    images: list[Image.Image]
+    images: list[ImageFile]
 
 
 def _text_only(message: Message, where: str) -> str:
@@ -46,7 +45,7 @@ def _check_text(text: str, where: str) -> str:
     return text
 
 
-def _user_text(message: Message, where: str, fetch: ImageFetcher, images: list[Image.Image], max_images: int) -> str:
+def _user_text(message: Message, where: str, fetch: ImageFetcher, images: list[ImageFile], max_images: int) -> str:
     if message.content is None:
         raise ApiError(400, f"{where}.content: a user message needs content", param=f"{where}.content")
     if isinstance(message.content, str):
@@ -69,7 +68,7 @@ def render_messages(messages: list[Message], template: Conversation, fetch: Imag
     """The prompt for the assistant's next reply; `template` is a fresh copy and is filled in place."""
     system: list[str] = []
     turns: list[list[str]] = []  # [role, text], same-role neighbours merged
-    images: list[Image.Image] = []
+    images: list[ImageFile] = []
     for i, message in enumerate(messages):
         where = f"messages.{i}"
         if message.role in ("system", "developer"):

@@ -2,9 +2,10 @@
 
 One generation runs at a time (the model holds one KV cache; on CPU, batching gains little and would tie
 each answer's length to its batch), so every client gets exactly the answer it would get alone. `max_queue`
-bounds the requests admitted (running + waiting); beyond it `submit` raises QueueFull and the server answers
-429. A request whose client goes away is cancelled: if it is still waiting its place is freed at once, if it
-is running the generation is stopped at its next streamed piece.
+bounds the requests admitted (running + waiting): a request takes its place with `reserve` before any of its
+images is fetched or decoded (beyond the limit QueueFull, and the server answers 429), then `submit`s its job
+to that place. A request whose client goes away is cancelled: if it is still waiting its place (and the memory
+its images hold) is freed at once, if it is running the generation is stopped at its next streamed piece.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
 from mobilevlm.errors import MobileVLMError
+from mobilevlm.serve.budget import Reservation
+from mobilevlm.serve.pixels import with_pixels
 
 log = logging.getLogger("mobilevlm.serve")
 
@@ -28,11 +30,13 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    prompt: str
-    images: list[Image.Image]
-    settings: dict
-    seed: int | None
     loop: asyncio.AbstractEventLoop
+    request_id: str
+    prompt: str = ""
+    pixels: list[torch.Tensor] = field(default_factory=list)  # one [1, 3, S, S] tensor per image
+    settings: dict = field(default_factory=dict)
+    seed: int | None = None
+    memory: Reservation | None = None  # the budget bytes `pixels` hold
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
@@ -80,17 +84,28 @@ class WorkQueue:
                             f"(limit {self.max_queue}); retry later")
 
     def ensure_room(self) -> None:
-        """Raises QueueFull now, so that a request that would be refused does not get its images decoded first."""
+        """Raises QueueFull now, so that a request that would be refused does not even have its body read."""
         with self._lock:
             self._check_room()
 
-    def submit(self, prompt: str, images: list[Image.Image], settings: dict, seed: int | None = None) -> Job:
-        job = Job(prompt, images, settings, seed, asyncio.get_running_loop())
+    def reserve(self, request_id: str) -> Job:
+        """Takes a place in the queue for a job to be submitted (or cancelled) later; QueueFull if there is none."""
+        job = Job(asyncio.get_running_loop(), request_id)
         with self._lock:
             self._check_room()
             self.pending += 1
-        self._jobs.put(job)
         return job
+
+    def submit(self, job: Job, prompt: str, pixels: list[torch.Tensor], settings: dict, seed: int | None,
+               memory: Reservation) -> None:
+        job.prompt, job.pixels, job.settings, job.seed, job.memory = prompt, pixels, settings, seed, memory
+        self._jobs.put(job)
+
+    def unreserve(self, job: Job) -> None:
+        """Gives back the place of a job that will not be submitted (its request was refused)."""
+        with self._lock:
+            if not job.released:
+                self._release(job)
 
     def cancel(self, job: Job) -> None:
         """Called when the client is gone or has everything; harmless after the job ended."""
@@ -104,6 +119,9 @@ class WorkQueue:
     def _release(self, job: Job) -> None:  # caller holds the lock
         job.released = True
         self.pending -= 1
+        job.pixels = []
+        if job.memory is not None:
+            job.memory.release()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -116,7 +134,7 @@ class WorkQueue:
             try:
                 if job.seed is not None:
                     torch.manual_seed(job.seed)  # one job at a time, so the global generator is ours
-                stream = self.pipeline.stream(job.prompt, job.images, **job.settings)
+                stream = with_pixels(self.pipeline, job.pixels).stream(job.prompt, job.pixels, **job.settings)
                 try:
                     for piece in stream:
                         if job.cancelled.is_set():
@@ -129,7 +147,7 @@ class WorkQueue:
             except MobileVLMError as err:
                 job.emit("error", err)
             except Exception as err:  # a bug must not kill the worker: report it to this client, keep serving
-                log.exception("generation failed")
+                log.exception("generation failed (request id %s)", job.request_id)
                 job.emit("error", err)
             finally:
                 with self._lock:
