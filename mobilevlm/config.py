@@ -100,12 +100,15 @@ class MobileVLMConfig(LlamaConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Tokens one image becomes in the LLM: the patch grid, halved per side by the LDP projectors."""
+        """Tokens one image becomes in the LLM: the patch grid; LDPv2 pools it to 12x12, LDP halves each side
+        (a stride-2 3x3 convolution with padding 1)."""
         vision = self.vision_config()
         grid = vision.image_size // vision.patch_size
         tokens = grid * grid + (1 if self.mm_vision_select_feature == "cls_patch" else 0)
+        if self.mm_projector_type.startswith("ldpnetv2"):
+            return 12 * 12
         if self.mm_projector_type.startswith("ldpnet"):
-            return (grid // 2) ** 2
+            return ((grid + 1) // 2) ** 2
         return tokens
 
 

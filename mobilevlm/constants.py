@@ -8,6 +8,11 @@ DEFAULT_IM_START_TOKEN = "<im_start>"
 DEFAULT_IM_END_TOKEN = "<im_end>"
 IMAGE_PLACEHOLDER = "<image-placeholder>"
 
+# The rest of the original's constants (its gradio controller/worker and logger read them; nothing here does).
+CONTROLLER_HEART_BEAT_EXPIRATION = 30
+WORKER_HEART_BEAT_INTERVAL = 15
+LOGDIR = "."
+
 # Decompression-bomb guard for every image we open (CLI, server, data loaders): 64 megapixels.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 # Longer side over shorter side: beyond this, preprocessing would allocate a strip far larger than the image.

@@ -30,6 +30,7 @@ class Conversation:
     sep: str = "###"
     sep2: str | None = None
     version: str = "Unknown"
+    skip_next: bool = False  # the original's field (its gradio demo sets it)
 
     def append_message(self, role: str, message) -> None:
         self.messages.append([role, message])
@@ -39,16 +40,23 @@ class Conversation:
 
     @property
     def stop_str(self) -> str:
-        """The string that ends an assistant reply (the original's `stop_str`)."""
-        return self.sep2 if self.sep_style in (SeparatorStyle.TWO, SeparatorStyle.LLAMA_2) else self.sep
+        """The original scripts' `stop_str`: sep2 for the TWO style, else sep (so "<s>" for llama_2, whose
+        replies end with EOS anyway)."""
+        return self.sep2 if self.sep_style == SeparatorStyle.TWO else self.sep
 
     def _messages_for_prompt(self) -> list[list]:
         messages = [list(m) for m in self.messages]
         if messages and isinstance(messages[0][1], tuple):
-            # GUI-style (text, image, ...) first message: the tag is moved to the front of the text.
-            text = messages[0][1][0].replace(DEFAULT_IMAGE_TOKEN, "").strip()
-            messages[0][1] = DEFAULT_IMAGE_TOKEN + "\n" + text
-        return messages
+            # GUI-style (text, image, ...) first message: the tag is moved to the front of the text, or for the
+            # mmtag templates into a turn of its own that the assistant acknowledges.
+            role, text = messages[0][0], messages[0][1][0].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+            if "mmtag" in self.version:
+                messages[0] = [role, text]
+                messages[:0] = [[self.roles[0], "<Image><image></Image>"], [self.roles[1], "Received."]]
+            else:
+                messages[0][1] = DEFAULT_IMAGE_TOKEN + "\n" + text
+        # a later (text, image, mode) message contributes its text
+        return [[role, m[0] if isinstance(m, tuple) else m] for role, m in messages]
 
     def get_prompt(self) -> str:
         messages = self._messages_for_prompt()
@@ -152,6 +160,34 @@ conv_llava_llama_2 = Conversation(
 conv_llava_plain = Conversation(
     system="", roles=("", ""), messages=[], offset=0, sep_style=SeparatorStyle.PLAIN, sep="\n", version="plain",
 )
+
+# The original's other templates, kept under its names (none of its scripts selects them by default).
+conv_vicuna_extra = dataclasses.replace(conv_vicuna_v1, version="extra", sep="<ques_end>")
+
+conv_mpt = Conversation(
+    system="<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
+    "The assistant gives helpful and honest answers.",
+    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), version="mpt", messages=[], offset=0,
+    sep_style=SeparatorStyle.MPT, sep="<|im_end|>",
+)
+
+conv_llava_v0 = dataclasses.replace(conv_vicuna_v0, messages=[], offset=0)
+
+MMTAG_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant is able to "
+                "understand the visual content that the user provides, and assist the user with a variety of tasks "
+                "using natural language.The visual content will be provided with the following format: "
+                "<Image>visual content</Image>.")
+
+conv_llava_v0_mmtag = Conversation(system=MMTAG_SYSTEM, roles=("Human", "Assistant"), messages=[], offset=0,
+                                   sep_style=SeparatorStyle.SINGLE, sep="###", version="v0_mmtag")
+
+conv_llava_v1 = dataclasses.replace(conv_vicuna_v1, system=conv_vicuna_v0.system)
+
+conv_llava_v1_mmtag = Conversation(system=MMTAG_SYSTEM, roles=("USER", "ASSISTANT"), messages=[], offset=0,
+                                   sep_style=SeparatorStyle.TWO, sep=" ", sep2="</s>", version="v1_mmtag")
+
+# The original's training code reassigns this to the template it trains with.
+default_conversation = conv_vicuna_v0
 
 conv_templates: dict[str, Conversation] = {
     "default": conv_vicuna_v0,

@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 from mobilevlm.constants import DEFAULT_IMAGE_TOKEN
 from mobilevlm.conversation import Conversation, get_conv_template
 from mobilevlm.errors import PromptError
-from mobilevlm.processing import ImageSource, load_image, process_images, tokenizer_image_token
+from mobilevlm.processing import ImageSource, load_image, pads_images, process_images, tokenizer_image_token
 
 
 @dataclass
@@ -52,6 +52,34 @@ class _StopOnStrings(StoppingCriteria):
             self.start = input_ids.shape[1] - 1
         done = [any(s in self.tokenizer.decode(row[self.start:][-32:]) for s in self.stops) for row in input_ids]
         return torch.tensor(done, device=input_ids.device)
+
+
+class KeywordsStoppingCriteria(StoppingCriteria):
+    """The original's stop criterion, for one sequence at a time: `model.generate(..., stopping_criteria=[
+    KeywordsStoppingCriteria([stop_str], tokenizer, input_ids)])`. It stops when the sequence ends with a
+    keyword's token ids, or when the text of the last new tokens (at most as many as the longest keyword has)
+    contains a keyword. `input_ids` is the prompt; new tokens are counted from its length."""
+
+    def __init__(self, keywords: Sequence[str], tokenizer, input_ids: torch.Tensor):
+        self.keywords, self.tokenizer = list(keywords), tokenizer
+        self.keyword_ids = []
+        for keyword in self.keywords:
+            ids = tokenizer(keyword).input_ids
+            if len(ids) > 1 and ids[0] == tokenizer.bos_token_id:
+                ids = ids[1:]
+            self.keyword_ids.append(torch.tensor(ids))
+        self.max_keyword_len = max((len(ids) for ids in self.keyword_ids), default=0)
+        self.start_len = input_ids.shape[1]
+
+    def __call__(self, output_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if output_ids.shape[0] != 1:
+            raise ValueError("KeywordsStoppingCriteria takes one sequence at a time (as the original)")
+        done = any(torch.equal(output_ids[0, -len(ids):], ids.to(output_ids.device)) for ids in self.keyword_ids)
+        if not done:
+            offset = min(output_ids.shape[1] - self.start_len, self.max_keyword_len)
+            text = self.tokenizer.batch_decode(output_ids[:, -offset:], skip_special_tokens=True)[0]
+            done = any(keyword in text for keyword in self.keywords)
+        return torch.full((1,), done, dtype=torch.bool, device=output_ids.device)
 
 
 class _Cancelled(StoppingCriteria):
@@ -93,7 +121,7 @@ class Pipeline:
         self.conv_mode = conv_mode
         # How images are squared before the CLIP processor: the checkpoint's setting ("pad"), or None for the
         # processor's own resize + centre crop (what the original's ScienceQA evaluation feeds).
-        self.image_aspect_ratio = getattr(model.config, "image_aspect_ratio", "pad")
+        self.image_aspect_ratio = "pad" if pads_images(model.config) else None
         self.lock = threading.Lock()  # one generation at a time per model (the server relies on this)
 
     @classmethod
@@ -129,7 +157,9 @@ class Pipeline:
             return None
         if not self.is_multimodal:
             raise PromptError("this is a text-only model; it takes no images")
-        pil = [load_image(image) for image in images]  # PIL images too: any mode to RGB, EXIF, pixel limit
+        # files and bytes are photos (EXIF orientation applied); a PIL image is used as its caller opened it
+        # (evaluation: without EXIF, as the official scripts), only brought to RGB
+        pil = [load_image(image) for image in images]
         return process_images(pil, self.image_processor, self.image_aspect_ratio).to(self.device, self.model.dtype)
 
     def encode(self, prompt: str, images: Sequence[ImageSource] | None, max_new_tokens: int) -> tuple[list[int], torch.Tensor | None, int]:
@@ -161,8 +191,9 @@ class Pipeline:
         if criteria:
             kwargs["stopping_criteria"] = criteria
         with self.lock, torch.inference_mode():
-            return self.model.generate(input_ids, images=pixels, attention_mask=mask, pad_token_id=pad,
-                                       eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **kwargs)
+            output = self.model.generate(input_ids, images=pixels, attention_mask=mask, pad_token_id=pad,
+                                         eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **kwargs)
+        return output[:, input_ids.shape[1]:]  # the model returns the prompt in front, as the original
 
     def _settings(self, settings: dict) -> GenerationSettings:
         if isinstance(settings.get("stop"), str):  # one stop string, not a sequence of characters

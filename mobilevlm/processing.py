@@ -21,10 +21,15 @@ from mobilevlm.errors import ImageError
 ImageSource = str | os.PathLike | bytes | Image.Image
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
-    """Open an image file / bytes as RGB with EXIF orientation applied; ImageError for anything unusable.
+def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None,
+               exif: bool = True) -> Image.Image:
+    """Open an image file / bytes as RGB; ImageError for anything unusable.
 
-    `max_pixels` guards against decompression bombs: the size is checked from the header, before decoding.
+    `exif=True` (a photo a person shows: CLI, chat, server): EXIF orientation applied, transparency composited
+    on white. `exif=False` opens as the official evaluation scripts do, `Image.open(path).convert("RGB")`: no
+    rotation, PIL's own conversion. A PIL image is taken as its caller opened it: not rotated, only brought to
+    RGB as a photo is. `max_pixels` guards against decompression bombs: the size is checked from the header,
+    before decoding.
     """
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image bytes>")
     if isinstance(source, Image.Image):
@@ -32,6 +37,8 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: st
     else:
         try:
             stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        except FileNotFoundError:
+            raise ImageError(f"{label}: image file not found (cannot open it)") from None
         except OSError as err:
             raise ImageError(f"{label}: cannot open image file ({err.strerror or err})") from None
         try:
@@ -50,6 +57,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: st
             if not isinstance(source, bytes):
                 stream.close()
     check_image_size(image.width, image.height, max_pixels, label)
+    if isinstance(source, Image.Image):
+        return to_rgb(image)
+    if not exif:
+        return image.convert("RGB")
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block must not lose the image itself
@@ -117,9 +128,30 @@ def save_clip_preprocessor_config(directory: str | os.PathLike, image_size: int)
     processor.save_pretrained(str(directory))
 
 
-def process_images(images: list[Image.Image], image_processor, image_aspect_ratio: str | None = "pad") -> torch.Tensor:
-    """[n, 3, H, W] pixel values; `pad` squares each image in the processor's mean colour first (the original)."""
-    if image_aspect_ratio == "pad":
+ASPECT_RATIO_MODES = ("pad", "square")  # "square": the processor's own resize + centre crop (training's default)
+
+
+def pads_images(setting) -> bool:
+    """Whether `process_images` squares images first. A model config (the original's third argument) pads only
+    when its `image_aspect_ratio` is "pad", like the original; a string must be one of ASPECT_RATIO_MODES;
+    None is the plain processor."""
+    if setting is None:
+        return False
+    if isinstance(setting, str):
+        if setting not in ASPECT_RATIO_MODES:
+            raise ValueError(f"image_aspect_ratio {setting!r} is not a known mode; use one of "
+                             f"{', '.join(map(repr, ASPECT_RATIO_MODES))} or None")
+        return setting == "pad"
+    return getattr(setting, "image_aspect_ratio", None) == "pad"
+
+
+def process_images(images: list[Image.Image], image_processor, image_aspect_ratio="pad") -> torch.Tensor:
+    """[n, 3, H, W] pixel values; padding squares each image in the processor's mean colour first (the original).
+
+    `image_aspect_ratio` is "pad", "square" or None, or a model config as in the original's
+    `process_images(images, image_processor, model.config)` (see `pads_images`).
+    """
+    if pads_images(image_aspect_ratio):
         fill = tuple(int(m * 255) for m in image_processor.image_mean)
         images = [expand2square(image, fill) for image in images]
     return image_processor(images, return_tensors="pt")["pixel_values"]

@@ -53,7 +53,7 @@ def test_llava_llama_2():
         f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n<image>\nWhat is it? [/INST]")
     assert build("llava_llama_2", "Q1", "A1", "Q2", None) == (
         f"[INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\nQ1 [/INST] A1 </s><s>[INST] Q2 [/INST]")
-    assert get_conv_template("llava_llama_2").stop_str == "</s>"
+    assert get_conv_template("llava_llama_2").stop_str == "<s>"  # the original scripts' rule: sep unless TWO
 
 
 def test_llama_2_system_prompt():

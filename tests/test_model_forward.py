@@ -167,11 +167,12 @@ def test_generate_greedy_equals_argmax_of_full_forward(model, pixels):
     with torch.no_grad():
         new = model.generate(torch.tensor([prompt]), images=pixels[:1], max_new_tokens=5, do_sample=False,
                              pad_token_id=0, eos_token_id=None)[0].tolist()
+        assert new[:len(prompt)] == prompt  # the original's convention: the prompt ids come first
         ids = list(prompt)
         for _ in range(5):
             logits = model(input_ids=torch.tensor([ids]), images=pixels[:1]).logits[0, -1]
             ids.append(int(logits.argmax()))
-    assert new == ids[len(prompt):]
+    assert new == ids
 
 
 def test_text_only_mobilellama_equals_llama():

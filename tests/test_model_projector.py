@@ -81,12 +81,15 @@ def reference_ldpv2(x, sd):
     h = linear(gelu(linear(x, sd, "mlp.mlp.0.")), sd, "mlp.mlp.2.")
     grid = to_map(h)
     b, c, s, _ = grid.shape
-    pooled = grid.reshape(b, c, s // 2, 2, s // 2, 2).mean(dim=(3, 5))
+    # the original's AdaptiveAvgPool2d((12, 12)): output cell i averages rows floor(i*s/12) .. ceil((i+1)*s/12)-1
+    bins = [(i * s // 12, -(-(i + 1) * s // 12)) for i in range(12)]
+    pooled = torch.stack([torch.stack([grid[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for c0, c1 in bins], dim=-1)
+                          for r0, r1 in bins], dim=-2)
     peg = F.conv2d(pooled, sd["peg.peg.0.weight"], sd["peg.peg.0.bias"], padding=1, groups=c)
     return to_tokens(peg + pooled)
 
 
-@pytest.mark.parametrize("side", [24, 8, 6])
+@pytest.mark.parametrize("side", [24, 16, 7, 6])
 @pytest.mark.parametrize("kind,reference", [("ldpnet", reference_ldp), ("ldpnetv2", reference_ldpv2)])
 def test_ldp_projectors_equal_formulas(kind, reference, side):
     projector = randomised(build_vision_projector(kind, IN, H), seed=side)
@@ -94,8 +97,17 @@ def test_ldp_projectors_equal_formulas(kind, reference, side):
     with torch.no_grad():
         out = projector(x)
         expected = reference(x, projector.state_dict())
-    assert out.shape == (2, (side // 2) ** 2, H)
+    # LDP halves each side (stride-2 convolution); LDPv2 always pools to 12x12 (a 2x2 pool only for 24x24)
+    assert out.shape == (2, ((side + 1) // 2) ** 2 if kind == "ldpnet" else 144, H)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,tokens", [("ldpnet", 64), ("ldpnetv2", 144), ("linear", 256)])
+def test_image_token_count_follows_the_projector(kind, tokens):
+    from mobilevlm.config import TINY_VISION_TOWER, get_preset
+
+    config = get_preset("tiny_v2", mm_projector_type=kind, mm_vision_tower_config={**TINY_VISION_TOWER, "image_size": 64})
+    assert config.num_image_tokens == tokens  # a 16x16 patch grid
 
 
 def test_ldp_squeeze_width_follows_make_divisible():
@@ -113,11 +125,11 @@ def test_ldp_grid_is_row_major():
         projector.mlp.mlp[0].bias.zero_()
         projector.mlp.mlp[2].bias.zero_()
         projector.peg.peg[0].bias.zero_()
-        x = torch.zeros(1, 64, IN)
-        x[0, 2 * 8 + 5] = 1.0  # row 2, col 5 of the 8x8 grid -> pooled cell (1, 2)
+        x = torch.zeros(1, 576, IN)
+        x[0, 5 * 24 + 11] = 1.0  # row 5, col 11 of the 24x24 grid -> pooled cell (2, 5) of 12x12
         out = projector(x)[0].abs().sum(dim=1)
-    touched = {t for t in range(16) if out[t] > 1e-6}
-    assert touched == {r * 4 + c for r in (0, 1, 2) for c in (1, 2, 3)}
+    touched = {t for t in range(144) if out[t] > 1e-6}
+    assert touched == {r * 12 + c for r in (1, 2, 3) for c in (4, 5, 6)}
 
 
 def test_linear_and_mlp_projectors():

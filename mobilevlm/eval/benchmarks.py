@@ -2,8 +2,9 @@
 
 Each item carries the user text exactly as the original generators build it (suffixes included, the
 `<image>` tag left to the template), the `prompt` its answer line records, and how to open its image.
-Images are opened like the original: converted to RGB for the loader benchmarks (GQA, MME, POPE,
-TextVQA), used as decoded for MMBench and ScienceQA, and never EXIF-rotated.
+Images are opened like the original, `Image.open(...).convert("RGB")`, never EXIF-rotated. (Its MMBench
+and ScienceQA scripts leave the conversion to the CLIP processor, which in transformers 4.33 is the same
+`convert("RGB")`.)
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mobilevlm.constants import DEFAULT_IMAGE_TOKEN, MAX_IMAGE_PIXELS
+from mobilevlm.constants import DEFAULT_IMAGE_TOKEN
 from mobilevlm.errors import DataError, ImageError
 from mobilevlm.eval import mmbench
 from mobilevlm.eval.records import read_json, read_jsonl
+from mobilevlm.processing import load_image
 
 OPTION_LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -47,32 +49,20 @@ class Item:
         return str(self.question_id), self.prompt
 
 
-def open_image(source: Path | bytes, name: str, convert_rgb: bool):
-    """As the original opens benchmark images: no EXIF rotation, RGB only where it converted (unlike load_image)."""
-    from PIL import Image
-
-    from mobilevlm.processing import check_image_size
-
-    try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        check_image_size(image.width, image.height, MAX_IMAGE_PIXELS, name)
-        image.load()
-    except FileNotFoundError:
-        raise ImageError(f"{name}: image file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(f"{name}: not a readable image ({err})") from None
-    return image.convert("RGB") if convert_rgb else image
+def open_image(source: Path | bytes, name: str):
+    """As the original opens benchmark images: no EXIF rotation, PIL's RGB conversion (unlike photos)."""
+    return load_image(source, name=name, exif=False)
 
 
-def _file_image(path: Path, convert_rgb: bool) -> Callable[[], Any]:
-    return lambda: open_image(path, str(path), convert_rgb)
+def _file_image(path: Path) -> Callable[[], Any]:
+    return lambda: open_image(path, str(path))
 
 
 def loader_items(benchmark: str, data_dir: Path) -> list[Item]:
     question_name, image_folder = LOADER_LAYOUT[benchmark]
     folder = Path(data_dir) / benchmark
     rows = read_jsonl(folder / question_name, required=("question_id", "image", "text"))
-    return [Item(row["question_id"], row["text"], row["text"], _file_image(folder / image_folder / row["image"], True))
+    return [Item(row["question_id"], row["text"], row["text"], _file_image(folder / image_folder / row["image"]))
             for row in rows]
 
 
@@ -100,7 +90,7 @@ def mmbench_items(data_dir: Path) -> list[Item]:
         data = row["image"]
         items.append(Item(
             row["index"], f"{question}\n{OPTION_LETTER_SUFFIX}", question,
-            lambda data=data, name=name: open_image(_decode_base64(data, name), name, convert_rgb=False),
+            lambda data=data, name=name: open_image(_decode_base64(data, name), name),
             extra={"round_id": 0, "options": options, "option_char": letters},
         ))
     return items
@@ -121,7 +111,7 @@ def sqa_items(data_dir: Path) -> list[Item]:
             raise DataError(f"{path}: entry {position} lacks 'id' or conversations[0].value") from None
         question = text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
         if entry.get("image"):
-            image = _file_image(folder / "images" / "test" / entry["image"], convert_rgb=False)
+            image = _file_image(folder / "images" / "test" / entry["image"])
             items.append(Item(pid, f"{question}\n{OPTION_LETTER_SUFFIX}",
                               f"{DEFAULT_IMAGE_TOKEN}\n{question}\n{OPTION_LETTER_SUFFIX}", image, pad=False))
         else:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaModel, StoppingCriteria, StoppingCriteriaList
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaPreTrainedModel
 
 from mobilevlm.config import MobileVLMConfig
@@ -32,6 +32,9 @@ class MobileLlamaModel(LlamaModel):
             self.vision_tower = CLIPVisionTower(config)
             self.mm_projector = build_vision_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
 
+    def get_vision_tower(self) -> CLIPVisionTower | None:
+        return getattr(self, "vision_tower", None)
+
 
 class MobileLlamaForCausalLM(LlamaForCausalLM):
     config_class = MobileVLMConfig
@@ -46,6 +49,10 @@ class MobileLlamaForCausalLM(LlamaForCausalLM):
 
     def get_model(self) -> MobileLlamaModel:
         return self.model
+
+    def get_vision_tower(self) -> CLIPVisionTower | None:
+        """The CLIP tower (None for a text-only MobileLLaMA), with the original's attributes (`image_processor`, ...)."""
+        return self.model.get_vision_tower()
 
     @property
     def is_multimodal(self) -> bool:
@@ -171,19 +178,53 @@ class MobileLlamaForCausalLM(LlamaForCausalLM):
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images: Images = None, attention_mask=None,
                  padding_side: str = "left", **kwargs):
-        """`generate(input_ids, images=...)`: splices the images once, then decodes from the embeddings.
+        """`generate(input_ids, images=...)` as the original: returns the prompt ids (placeholders included)
+        followed by the new ids, and stopping criteria are called with that same sequence.
 
-        Returns only the newly generated ids (transformers' convention for generation from embeddings).
+        The images are spliced once and decoding runs from the embeddings, where transformers sees only the new
+        ids; the prompt is put back in front of them for the criteria and the result.
         """
         if inputs is not None and "inputs_embeds" not in kwargs and (images is not None or (inputs == IMAGE_TOKEN_INDEX).any()):
             embeds, attention_mask, _, _ = self.prepare_inputs_labels_for_multimodal(
                 inputs, attention_mask, None, images, padding_side=padding_side
             )
-            return super().generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-        if inputs is not None:
-            kwargs["input_ids"] = inputs
-        output = super().generate(attention_mask=attention_mask, **kwargs)
-        return output[:, inputs.shape[1]:] if inputs is not None else output
+            if kwargs.get("stopping_criteria"):
+                kwargs["stopping_criteria"] = StoppingCriteriaList(
+                    _AfterPrompt(criterion, inputs) for criterion in kwargs["stopping_criteria"])
+            new = super().generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+            return torch.cat([_rows_for(inputs, new), new], dim=1)
+        return super().generate(inputs, attention_mask=attention_mask, **kwargs)
+
+
+def _rows_for(prompt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The prompt rows matching `ids` rows (beams and multiple return sequences repeat each prompt)."""
+    return prompt.to(ids.device).repeat_interleave(ids.shape[0] // prompt.shape[0], dim=0)
+
+
+class _AfterPrompt(StoppingCriteria):
+    """Calls a stopping criterion with the prompt ids in front of the generated ones, as the original's
+    `KeywordsStoppingCriteria(keywords, tokenizer, input_ids)` expects (it counts from the prompt length)."""
+
+    def __init__(self, criterion, prompt: torch.Tensor):
+        self.criterion, self.prompt = criterion, prompt
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs):
+        return self.criterion(torch.cat([_rows_for(self.prompt, input_ids), input_ids], dim=1), scores, **kwargs)
+
+
+def load_pretrained_model(model_path, load_8bit: bool = False, load_4bit: bool = False, device_map="auto",
+                          device: str | None = None, dtype=None):
+    """The original's `mobilevlm.model.mobilevlm.load_pretrained_model`, same arguments, onto this package's loader.
+
+    As in the original the model goes to CUDA (fp16) by default; where there is no GPU it stays on the CPU (fp32).
+    `device_map="auto"` means the whole model on `device`; any other map is passed to transformers.
+    """
+    from mobilevlm.model.loading import load_pretrained_model as load
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load(model_path, load_8bit, load_4bit, device_map=None if device_map == "auto" else device_map,
+                device=device, dtype=dtype)
 
 
 def register_auto_classes() -> None:

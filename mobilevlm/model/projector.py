@@ -2,7 +2,8 @@
 
 Module and parameter names mirror the official checkpoints (the LDP blocks follow torchvision's MobileNetV3
 InvertedResidual layout with timm's channel-wise LayerNorm), so `model.mm_projector.*` keys load unchanged.
-Both LDP variants take any even square patch grid (24x24 for CLIP-L/336) and halve each side.
+Both take any square patch grid (24x24 for CLIP-L/336): LDP halves each side with a stride-2 convolution,
+LDPv2 pools to a fixed 12x12.
 """
 from __future__ import annotations
 
@@ -105,12 +106,14 @@ class FeatureIRLayer(nn.Module):
         return self.mlp(x)
 
 
+LDPV2_GRID = 12  # LDPv2 pools any patch grid to 12x12 = 144 tokens (the original's AdaptiveAvgPool2d((12, 12)))
+
+
 class TokenDownLayer(nn.Module):
-    """2x2 average pooling of the token grid (the original's AdaptiveAvgPool2d to half the side)."""
+    """Adaptive average pooling of the token grid to 12x12: exactly a 2x2 pool for CLIP-L/336's 24x24 grid."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = _tokens_to_map(x)
-        return _map_to_tokens(F.adaptive_avg_pool2d(grid, (grid.shape[-2] // 2, grid.shape[-1] // 2)))
+        return _map_to_tokens(F.adaptive_avg_pool2d(_tokens_to_map(x), (LDPV2_GRID, LDPV2_GRID)))
 
 
 class PosInjectLayer(nn.Module):

@@ -12,6 +12,7 @@ from transformers import CLIPVisionModel
 
 from mobilevlm.config import MobileVLMConfig
 from mobilevlm.errors import CheckpointError
+from mobilevlm.processing import build_image_processor
 
 
 class _CLIPHolder(nn.Module):
@@ -32,10 +33,56 @@ class CLIPVisionTower(nn.Module):
         vision_config = config.vision_config()
         vision_config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
         self.vision_config = vision_config
+        self.vision_tower_name = config.mm_vision_tower
+        self._model_config = config  # read lazily for the image processor (its name_or_path is set on loading)
+        self._image_processor = None
         self.select_layer = config.mm_vision_select_layer
         self.select_feature = config.mm_vision_select_feature
         self.vision_tower = _CLIPHolder(vision_config)
         self.requires_grad_(False)  # frozen in every MobileVLM stage
+
+    # The original's tower API, used by its scripts after `model.get_vision_tower()`. The weights always come
+    # from the checkpoint itself, so the tower is loaded from the start and `load_model()` has nothing to do.
+    is_loaded = True
+
+    def load_model(self) -> None:
+        """Kept for the original's scripts: the weights are already the checkpoint's (nothing is downloaded)."""
+
+    # No `config` property (the original's is the CLIP config): transformers treats a submodule with a
+    # `config` as a model of its own and changes its attention settings. Use `vision_config`.
+
+    def load_image_processor(self) -> None:
+        """Kept for the original's scripts: `image_processor` is built on first use."""
+
+    @property
+    def image_processor(self):
+        """The checkpoint's CLIP processor, as `load_pretrained_model` returns it."""
+        if self._image_processor is None:
+            config = self._model_config
+            self._image_processor = build_image_processor(self.vision_config.image_size,
+                                                          getattr(config, "name_or_path", None) or None,
+                                                          config.mm_vision_tower)
+        return self._image_processor
+
+    @image_processor.setter
+    def image_processor(self, processor) -> None:
+        self._image_processor = processor
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.vision_model.embeddings.patch_embedding.weight.device
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
 
     @property
     def num_layers_used(self) -> int:
