@@ -1,21 +1,40 @@
-"""The lmms-eval plug-in: registry entry, generate_until / loglikelihood on a tiny model, and a run of
-lmms-eval's evaluator on a local task. Skipped where lmms-eval (the `lmms` extra) is not installed."""
-import json
-import textwrap
+"""The lmms-eval plug-in. Its own logic (prompts, decoding settings, batching, log-likelihoods, the entry point)
+runs against a minimal stand-in for the two lmms-eval names it imports, so it is checked without lmms-eval; the
+registry lookup and a run of lmms-eval's evaluator are in test_eval_lmms_installed.py (skipped without lmms-eval)."""
+import importlib
+import sys
+import types
+from types import SimpleNamespace
 
 import pytest
-
-lmms_eval = pytest.importorskip("lmms_eval")
+import torch
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from mobilevlm.eval.lmms_plugin import MobileVLM
+def plugin():
+    """mobilevlm.eval.lmms_plugin imported against a stand-in lmms-eval: the `lmms` base class and `ModelManifest`."""
+    names = ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model", "lmms_eval.models", "lmms_eval.models.registry_v2")
+    stand_in = {name: types.ModuleType(name) for name in names}
+    stand_in["lmms_eval.api.model"].lmms = type("lmms", (), {})
+    stand_in["lmms_eval.models.registry_v2"].ModelManifest = SimpleNamespace
+    with pytest.MonkeyPatch.context() as patch:
+        for name, module in stand_in.items():
+            patch.setitem(sys.modules, name, module)
+        patch.delitem(sys.modules, "mobilevlm.eval.lmms_plugin", raising=False)
+        yield importlib.import_module("mobilevlm.eval.lmms_plugin")
+        sys.modules.pop("mobilevlm.eval.lmms_plugin", None)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
     from mobilevlm.testing import make_tiny_checkpoint
 
-    root = tmp_path_factory.mktemp("lmms")
-    checkpoint = make_tiny_checkpoint(root / "tiny-model")
-    return checkpoint, MobileVLM.create_from_arg_string(f"pretrained={checkpoint},conv_template=v1", {"batch_size": 2})
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("lmms") / "tiny-model")
+
+
+@pytest.fixture(scope="module")
+def model(plugin, checkpoint):
+    return plugin.MobileVLM(pretrained=str(checkpoint), conv_template="v1", batch_size=2)
 
 
 def _image(colour):
@@ -24,61 +43,59 @@ def _image(colour):
     return Image.new("RGB", (30, 20), colour)
 
 
-def test_registered_as_mobilevlm():
-    from lmms_eval.models import MODEL_REGISTRY_V2, get_model
-
-    from mobilevlm.eval.lmms_plugin import MobileVLM, manifests
-
-    for manifest in manifests():
-        MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
-    assert get_model("mobilevlm") is MobileVLM
-    assert MobileVLM.is_simple
+def _request(context, second, doc_id, visual=lambda doc: [_image(doc["colour"])]):
+    return SimpleNamespace(args=(context, second, visual, doc_id, "local", "test"))
 
 
-def test_entry_point_is_declared_and_found():
+def test_entry_point_names_the_manifests(plugin):
     import tomllib
     from importlib.metadata import entry_points
     from pathlib import Path
 
-    from mobilevlm.eval.lmms_plugin import MobileVLM
-
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"]["lmms_eval.models"]["mobilevlm"] == "mobilevlm.eval.lmms_plugin:manifests"
-    if not [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "mobilevlm"]:
+    [manifest] = plugin.manifests()
+    assert manifest.model_id == "mobilevlm" and manifest.simple_class_path == "mobilevlm.eval.lmms_plugin.MobileVLM"
+    found = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "mobilevlm"]
+    if not found:
         pytest.skip("the installed package metadata predates the entry point (reinstall: pip install -e .)")
-    from lmms_eval.models import _initialize_model_registry
-
-    assert _initialize_model_registry().get_model_class("mobilevlm") is MobileVLM
+    assert found[0].load() is plugin.manifests
 
 
-def test_generate_until_matches_the_pipeline(tiny):
-    from lmms_eval.api.instance import Instance
+def test_unknown_model_args_are_refused(plugin, checkpoint):
+    with pytest.raises(TypeError, match="unknown mobilevlm model_args: temprature"):
+        plugin.MobileVLM(pretrained=str(checkpoint), temprature=0)
 
-    _, model = tiny
-    docs = [{"q": "What colour is it?", "colour": "red"}, {"q": "Is it blue?", "colour": "blue"},
-            {"q": "Describe it.", "colour": "green"}]
+
+def test_task_settings_become_pipeline_settings(plugin):
+    assert plugin.MobileVLM._settings({"until": "\n\n", "temperature": 0.7, "do_sample": False}) == dict(
+        temperature=0, top_p=None, num_beams=1, max_new_tokens=plugin.DEFAULT_MAX_NEW_TOKENS, stop=["\n\n"])
+    assert plugin.MobileVLM._settings({"temperature": 0.5, "top_p": 0.9, "num_beams": None, "max_new_tokens": 7}) == dict(
+        temperature=0.5, top_p=0.9, num_beams=1, max_new_tokens=7, stop=[])
+
+
+def test_generate_until_matches_the_pipeline(model):
+    docs = [{"q": "What colour is it?", "colour": "red"}, {"q": "<image>\nIs it blue?", "colour": "blue"},
+            {"q": "Describe it.", "colour": "green"}, {"q": "Name the colour.", "colour": "red"}]
     model.task_dict = {"local": {"test": docs}}
-    to_visual = lambda doc: [_image(doc["colour"])]
-    requests = [Instance("generate_until", (doc["q"], {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"]},
-                                            to_visual, i, "local", "test"), i, {"task": "local", "doc_id": i, "repeats": 1})
-                for i, doc in enumerate(docs)]
+    # request 0 goes alone (1 has other settings); 1-2 fill a batch of two; 3 is text only
+    settings = [{"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"]}] + [{"max_new_tokens": 3, "until": "."}] * 3
+    requests = [_request(doc["q"], settings[i], i) for i, doc in enumerate(docs[:3])]
+    requests.append(_request(docs[3]["q"], settings[3], 3, visual=None))
     outputs = model.generate_until(requests)
     pipe = model.pipe
-    expected = [pipe.generate(pipe.build_prompt(doc["q"]), [_image(doc["colour"])], max_new_tokens=5, stop=["\n\n"])
-                for doc in docs]
+    expected = [pipe.generate(pipe.build_prompt(doc["q"].replace("<image>\n", "")), [_image(doc["colour"])],
+                              max_new_tokens=s["max_new_tokens"], stop=[s["until"]] if isinstance(s["until"], str) else s["until"])
+                for doc, s in zip(docs[:3], settings)]
+    expected.append(pipe.generate(pipe.build_prompt(docs[3]["q"], num_images=0), max_new_tokens=3, stop=["."]))
     assert outputs == expected
 
 
-def test_loglikelihood_is_the_continuation_log_probability(tiny):
-    import torch
-
-    from lmms_eval.api.instance import Instance
+def test_loglikelihood_is_the_continuation_log_probability(model):
     from mobilevlm.processing import tokenizer_image_token
 
-    _, model = tiny
     model.task_dict = {"local": {"test": [{"colour": "red"}]}}
-    args = ("What colour is it?", "red square", lambda doc: [_image(doc["colour"])], 0, "local", "test")
-    [(logprob, greedy)] = model.loglikelihood([Instance("loglikelihood", args, 0, {"task": "local", "doc_id": 0, "repeats": 1})])
+    [(logprob, greedy)] = model.loglikelihood([_request("What colour is it?", "red square", 0)])
     pipe = model.pipe
     prompt = pipe.build_prompt("What colour is it?")
     prompt_ids = tokenizer_image_token(prompt, pipe.tokenizer)
@@ -91,53 +108,3 @@ def test_loglikelihood_is_the_continuation_log_probability(tiny):
     expected = steps.gather(1, torch.tensor(full_ids[-n:])[:, None]).sum().item()
     assert logprob == pytest.approx(expected, rel=1e-4, abs=1e-4) and logprob < 0
     assert greedy == bool((steps.argmax(-1) == torch.tensor(full_ids[-n:])).all())
-
-
-def test_lmms_eval_runs_a_local_task(tiny, tmp_path, monkeypatch):
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    _, model = tiny
-    for i, colour in enumerate(("red", "blue")):
-        _image(colour).save(tmp_path / f"{i}.png")
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"image": str(tmp_path / f"{i}.png"), "question": "Colour?", "answer": c}) + "\n"
-                                                 for i, c in enumerate(("red", "blue"))))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "utils.py").write_text(textwrap.dedent("""
-        from PIL import Image
-        def doc_to_visual(doc):
-            return [Image.open(doc["image"]).convert("RGB")]
-        def doc_to_text(doc):
-            return doc["question"]
-        def process_results(doc, results):
-            return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-    """))
-    (tasks / "local_colour.yaml").write_text(textwrap.dedent(f"""
-        task: mobilevlm_local_colour
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {tmp_path / "docs.jsonl"}
-        test_split: test
-        output_type: generate_until
-        doc_to_visual: !function utils.doc_to_visual
-        doc_to_text: !function utils.doc_to_text
-        doc_to_target: answer
-        generation_kwargs:
-          max_new_tokens: 4
-          temperature: 0
-          do_sample: false
-        process_results: !function utils.process_results
-        metric_list:
-          - metric: exact_match
-            aggregation: mean
-            higher_is_better: true
-    """))
-    results = simple_evaluate(model=model, tasks=["mobilevlm_local_colour"], task_manager=TaskManager(include_path=str(tasks)),
-                              log_samples=True)
-    task_results = results["results"]["mobilevlm_local_colour"]
-    assert task_results["exact_match,none"] in (0.0, 0.5, 1.0)
-    samples = results["samples"]["mobilevlm_local_colour"]
-    assert len(samples) == 2 and all(isinstance(s["resps"][0][0], str) for s in samples)
