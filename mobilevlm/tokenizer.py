@@ -1,10 +1,11 @@
-"""The LLaMA SentencePiece tokenizer with the *legacy* slow-tokenizer semantics MobileVLM was trained with.
+"""The LLaMA SentencePiece tokenizer with the slow-tokenizer semantics of transformers 4.33 MobileVLM was trained with.
 
 Why not transformers' own `LlamaTokenizer`: in transformers 5 it is a `tokenizers`-backed BPE conversion whose
 handling of leading spaces differs from the legacy slow tokenizer (" x" loses a space), and the original
 training-label masking counts tokens round by round with the legacy rules. Here every piece of text between
 special tokens is encoded by SentencePiece itself (dummy prefix included), exactly as transformers 4.33's
-`LlamaTokenizer(legacy=True)` did, which is what `tokenizer_image_token` and the label masking rely on.
+`LlamaTokenizer(legacy=True)` did, which is what `tokenizer_image_token` and the label masking rely on. A
+checkpoint whose tokenizer_config.json says `"legacy": false` gets 4.33's non-legacy rules instead.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ class MobileLlamaTokenizer(SentencePieceBackend):
         pad_token: str | None = None,
         add_bos_token: bool = True,
         add_eos_token: bool = False,
+        legacy: bool | None = None,
         **kwargs,
     ):
         # The mtgv tokenizer_config.json carries keys of the 4.33-era class; they mean nothing here.
-        for stale in ("legacy", "tokenizer_class", "auto_map", "sp_model_kwargs", "backend", "special_tokens_pattern"):
+        for stale in ("tokenizer_class", "auto_map", "sp_model_kwargs", "backend", "special_tokens_pattern"):
             kwargs.pop(stale, None)
         kwargs["clean_up_tokenization_spaces"] = False
         self.add_bos_token = add_bos_token
@@ -44,9 +46,31 @@ class MobileLlamaTokenizer(SentencePieceBackend):
             bos_token=bos_token,
             eos_token=eos_token,
             pad_token=pad_token,
-            legacy=True,
+            legacy=True,  # the backend keeps SentencePiece's dummy prefix, as the 4.33 slow tokenizer in both modes
             **kwargs,
         )
+        # The checkpoint's `legacy` as transformers 4.33 read it: unset means legacy. Non-legacy only changes the
+        # text right after a special token (e.g. "</s>USER:"), which then gets no dummy-prefix space.
+        self.legacy = True if legacy is None else bool(legacy)
+        self.init_kwargs["legacy"] = self.legacy
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        if not self.legacy:  # 4.33: only the text's own start carries the prefix; literal '▁' count as spaces
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        return super().tokenize(text, **kwargs)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        """transformers 4.33's rule: a non-legacy piece of text that follows a special token loses the leading '▁'
+        of its first piece (that piece may then not be in the vocabulary and become <unk>, as there)."""
+        if self.legacy:
+            return self.sp_model.encode(text, out_type=str)
+        is_first = text.startswith(SPIECE_UNDERLINE)
+        if is_first:
+            text = text[1:]
+        tokens = self.sp_model.encode(text, out_type=str)
+        if not is_first and not text.startswith(" ") and tokens and tokens[0].startswith(SPIECE_UNDERLINE):
+            tokens = ([tokens[0][1:]] if len(tokens[0]) > 1 else []) + tokens[1:]
+        return tokens
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         bos = [self.bos_token_id] if self.add_bos_token else []

@@ -91,22 +91,27 @@ def _preprocess_rounds(template: Conversation, sep: str, turns, tokenizer, has_i
     """v1 / llama_2: rounds split on sep2; in each, everything up to `sep` (the assistant cue) is masked.
 
     A round's length is counted with its BOS standing in for the "</s>" it was split on; the instruction length
-    drops BOS and the lone "▁" of the cue's trailing space (hence the -2, as in the original).
+    drops BOS and the lone "▁" of the cue's trailing space (hence the -2, as in the original). Later rounds are
+    counted as they are tokenized after that "</s>" (its id in place of BOS): the same numbers for a legacy
+    tokenizer, and still exact for a non-legacy one, where the original's count is one off and zeroes the sample.
     """
     prompt = _prompt(template, turns)
     ids = _encode_prompt(prompt, tokenizer, has_image, max_length)
     labels = ids.clone()
-    total = int(ids.ne(tokenizer.pad_token_id).sum())
+    # the sample is not padded here: every id counts (the original's `ne(pad)` also drops a genuine <unk>, which a
+    # non-legacy tokenizer produces after "</s>" when the unprefixed piece is not in the vocabulary)
+    total = len(ids)
     cursor = 1
     labels[:cursor] = IGNORE_INDEX
-    for rnd in prompt.split(template.sep2):
+    for index, rnd in enumerate(prompt.split(template.sep2)):
         if rnd == "":
             break
         parts = rnd.split(sep)
         if len(parts) != 2:
             break
-        round_len = len(_encode(rnd, tokenizer, has_image))
-        instruction_len = len(_encode(parts[0] + sep, tokenizer, has_image)) - 2
+        after, extra = (template.sep2, 1) if index else ("", 0)  # a later round is counted after its "</s>"
+        round_len = len(_encode(after + rnd, tokenizer, has_image)) - extra
+        instruction_len = len(_encode(after + parts[0] + sep, tokenizer, has_image)) - 2 - extra
         labels[cursor: cursor + instruction_len] = IGNORE_INDEX
         cursor += round_len
     labels[cursor:] = IGNORE_INDEX
