@@ -1,30 +1,109 @@
-"""The demo's pre-trained parts load through the same paths as real checkpoints."""
+"""The demo's bases: the rebuild path (`mobilevlm demo bases --fast`), the manifest, the shipped bases, and that
+they load through the same paths as real checkpoints."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from mobilevlm.demo import bases
+from mobilevlm.demo import bases, probes, shipped
 from mobilevlm.demo import trainsets as T
 
-TINY_TOWER = bases.TowerSize(hidden=16, layers=3, heads=2, text_hidden=16, text_layers=1)
-TINY_LLM = bases.LlmSize(hidden=32, layers=2, heads=2, intermediate=64, max_positions=256)
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from mobilevlm.cli import main
+
+    root = tmp_path_factory.mktemp("bases") / "demo_bases"
+    assert main(["demo", "bases", "--fast", "--out", str(root)]) == 0
+    return root
+
+
+def test_rebuild_writes_checkpoint_folders_and_a_manifest_that_verifies(built):
+    manifest = shipped.verify(built)
+    assert manifest["built_by"] == "mobilevlm demo bases --seed 0 --device cpu --fast"
+    assert set(manifest["files"]) >= {"clip-vit-tiny-96/model.safetensors", "clip-vit-tiny-96/preprocessor_config.json",
+                                      "mobilellama-tiny/model.safetensors", "mobilellama-tiny/tokenizer.model"}
+    assert manifest["tower"]["parameters"] > 0 and manifest["language_model"]["parameters"] > 0
+    assert {"color", "shape", "size", "position", "word"} <= set(manifest["tower"]["probes"])
+    assert {"context_lookup_auc", "ocr_copy_rate", "option_letter_accuracy"} <= set(manifest["language_model"]["probes"])
+    assert manifest["hardware"]["threads"] >= 1 and "reproducible" in manifest
+
+
+def test_a_changed_or_missing_file_fails_verification(built, tmp_path):
+    from mobilevlm.errors import MobileVLMError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    (copy / "mobilellama-tiny" / "config.json").write_text("{}")
+    with pytest.raises(MobileVLMError, match="mobilellama-tiny/config.json"):
+        shipped.verify(copy)
+    with pytest.raises(MobileVLMError, match="no manifest.json"):
+        shipped.verify(tmp_path / "nothing")
+
+
+def test_the_bases_corpus_holds_no_held_out_scene():
+    material = shipped.corpus(shipped.FAST_SETTINGS)
+    assert material["scenes"] and not any(scene.held_out for scene in material["scenes"])
+
+
+SHIPPED_MISSING = not (shipped.SHIPPED / shipped.MANIFEST).is_file()
+
+
+@pytest.mark.skipif(SHIPPED_MISSING, reason="the package ships no demo bases yet")
+def test_shipped_bases_match_their_manifest_and_load_as_real_checkpoints():
+    from transformers import CLIPVisionModel
+
+    from mobilevlm.model.loading import load_pretrained_model
+    from mobilevlm.tokenizer import load_tokenizer
+
+    manifest = shipped.verify()
+    size = sum(path.stat().st_size for path in shipped.SHIPPED.rglob("*") if path.is_file())
+    assert size <= 30 * 2**20
+    tower = CLIPVisionModel.from_pretrained(shipped.SHIPPED / shipped.TOWER_DIR)
+    assert tower.config.image_size // tower.config.patch_size == 24  # the official grid, for llama.cpp
+    assert sum(p.numel() for p in tower.parameters()) == manifest["tower"]["parameters"]
+    tokenizer, model, image_processor, _ = load_pretrained_model(shipped.SHIPPED / shipped.LLM_DIR)
+    assert image_processor is None and model.config.vocab_size == len(tokenizer)
+    assert len(load_tokenizer(shipped.SHIPPED / shipped.LLM_DIR)) == len(tokenizer)
+    assert manifest["language_model"]["probes"]["context_lookup_auc"] > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SHIPPED_MISSING, reason="the package ships no demo bases yet")
+def test_a_built_wheel_carries_the_shipped_bases(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(root)], check=True)
+    wheel = next(tmp_path.glob("mobilevlm-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"mobilevlm/demo/assets/{name}" for name in [shipped.MANIFEST, *shipped.verify()["files"]]}
+    assert expected <= names, sorted(expected - names)
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bases")
+    root = tmp_path_factory.mktemp("parts")
     scenes = T.training_scenes(0, 60)
     names = [f"{i}.png" for i in range(60)]
     samples = T.caption_samples(scenes, names, 0) + T.instruction_samples(scenes, names, 0)
     bases.train_tokenizer(T.corpus_lines(samples), root / "tokenizer", 400)
     tower = bases.pretrain_vision_tower(scenes, root / "tokenizer", root / "clip", 0, steps=2, batch_size=4,
-                                        size=TINY_TOWER, log=lambda m: None)
+                                        size=TINY_TOWER, log=lambda m: None, patch_weight=1.0)
     llm = bases.pretrain_language_model(T.reading_samples(scenes, 0, 60), root / "tokenizer", root / "llm", 0, steps=40,
                                         batch_size=8, size=TINY_LLM, log=lambda m: None)
     return root, tower, llm
+
+
+TINY_TOWER = bases.TowerSize(hidden=16, layers=3, heads=2, text_hidden=16, text_layers=1)
+TINY_LLM = bases.LlmSize(hidden=32, layers=2, heads=2, intermediate=64, max_positions=256)
 
 
 def test_tokenizer_is_llama_style(parts):
@@ -108,6 +187,6 @@ def test_context_lookup_check_scores_a_perfect_an_inverted_and_a_blind_model(par
     from mobilevlm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(parts[0] / "tokenizer")
-    scores = [bases.context_lookup_auc(_Oracle(tokenizer, sign), tokenizer, 0, scenes=8) for sign in (1.0, -1.0, 0.0)]
+    scores = [probes.context_lookup_auc(_Oracle(tokenizer, sign), tokenizer, 0, scenes=8) for sign in (1.0, -1.0, 0.0)]
     assert scores == [1.0, 0.0, 0.5]
     assert 0.0 <= parts[2]["context_lookup_auc"] <= 1.0

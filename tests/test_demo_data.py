@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mobilevlm.demo import benchmarks as B
@@ -63,12 +64,16 @@ def test_evaluation_images_never_appear_in_training(generated):
             assert hashlib.sha256(image.convert("RGB").tobytes()).hexdigest() not in train_pixels, path
 
 
-def test_evaluation_scenes_avoid_a_forced_collision(tmp_path):
-    # Training holds every scene the evaluation sampler would draw first: all of them must be skipped.
-    book = B._SceneBook(0, set())
-    first = [book.draw(sample_scene, random.Random("probe")) for _ in range(5)]
-    keys = B.write_benchmark_data(tmp_path, 0, {**SIZES, "gqa": 3}, first)
-    assert not keys & {s.key() for s in first}
+def test_held_out_scenes_are_a_fixed_share_kept_out_of_every_training_stream(generated):
+    root, _, keys = generated
+    drawn = [sample_scene(random.Random(i)) for i in range(4000)]
+    share = sum(scene.held_out for scene in drawn) / len(drawn)
+    assert abs(share - 1 / 8) < 0.02  # a hash of the key, not the sampler's order
+    assert not any(scene.held_out for scene in T.training_scenes(5, 500, stream="bases"))
+    by_key = {scene.key(): scene for scene in drawn}
+    assert all(by_key[key].held_out for key in keys if key in by_key)
+    book = B._SceneBook(0)
+    assert all(book.draw(sample_scene, random.Random("probe")).held_out for _ in range(20))
 
 
 def _gold(benchmark: str, root: Path) -> dict:
@@ -374,3 +379,18 @@ def test_pope_answers_are_broken_down_by_what_the_image_holds(tmp_path):
     by_kind = pope_yes_by_kind(tmp_path, answers)
     assert {kind: (v["questions"], round(v["yes"], 1)) for kind, v in by_kind.items()} == {
         "present": (3, 66.7), "both elsewhere": (2, 100.0), "colour only": (1, 100.0), "shape only": (2, 0.0), "neither": (1, 0.0)}
+
+
+def test_patch_labels_mark_the_patches_a_shape_half_covers():
+    from mobilevlm.demo.scenes import COLORS, SHAPES, Scene, Shape, patch_labels
+
+    # a large square at the centre spans pixels 35..61: patch 8 (32-35) holds one of its four columns, patch 15
+    # (60-63) two, so patches 9..15 on each axis are at least half covered, except the corner (15, 15): a quarter
+    labels = patch_labels(Scene(objects=(Shape("green", "square", "large", 1, 1, 0, 0),)))
+    expected = np.zeros((24, 24), dtype=bool)
+    expected[9:16, 9:16] = True
+    expected[15, 15] = False
+    assert np.array_equal(labels["shape"] > 0, expected)
+    assert set(labels["shape"][expected]) == {1 + SHAPES.index("square")}
+    assert set(labels["color"][expected]) == {1 + list(COLORS).index("green")} and labels["size"][10, 10] == 2
+    assert not labels["word"].any() and not labels["color"][~expected].any()

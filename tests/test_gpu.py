@@ -119,7 +119,10 @@ def test_stage1_with_the_official_bf16_tf32_flags_trains_and_its_checkpoint_gene
 def test_demo_trains_and_evaluates_on_the_gpu(tmp_path):
     from mobilevlm.demo import pipeline as demo
 
-    summary = demo.run_demo(tmp_path, settings=toy_demo_settings(), device="cuda", log=lambda m: None, examples=1)
+    from mobilevlm.demo import shipped
+
+    summary = demo.run_demo(tmp_path, settings=toy_demo_settings(), device="cuda", log=lambda m: None, examples=1,
+                            from_scratch=True, base_settings=shipped.FAST_SETTINGS)
     assert summary["device"] == "cuda" and set(summary["metrics"]) == {"gqa", "sqa", "textvqa", "pope", "mme", "mmbench"}
     pipe = Pipeline.from_pretrained(summary["model"], device="cuda", dtype="float32")
     assert {p.device.type for p in pipe.model.parameters()} == {"cuda"}

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mobilevlm.demo.scenes import IMAGE_SIZE, Scene, caption, regions, render
+from mobilevlm.demo.scenes import COLORS, IMAGE_SIZE, SHAPES, SIZES, WORDS, Scene, caption, patch_labels, regions, render
 from mobilevlm.processing import save_clip_preprocessor_config
 
 Log = Callable[[str], None]
@@ -143,12 +144,40 @@ def _region_features(patches: torch.Tensor, boxes: list[tuple[int, tuple]]) -> t
     return torch.stack(feats)
 
 
+def _patch_targets(scenes: list[Scene], device: str) -> dict[str, torch.Tensor]:
+    labels = [patch_labels(scene) for scene in scenes]
+    return {name: torch.from_numpy(np.stack([item[name] for item in labels])).to(device) for name in labels[0]}
+
+
+def _patch_heads(hidden: int) -> torch.nn.ModuleDict:
+    """Linear read-outs of the patch tokens the VLM takes: what each patch shows (`scenes.patch_labels`)."""
+    classes = {"color": len(COLORS) + 1, "shape": len(SHAPES), "size": len(SIZES), "word": len(WORDS)}
+    return torch.nn.ModuleDict({name: torch.nn.Linear(hidden, n) for name, n in classes.items()})
+
+
+def _patch_loss(heads: torch.nn.ModuleDict, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Colour (background included) on every patch and on the covered ones; shape, size and word on the patches
+    that show one. Linear heads on the tokens themselves, so every patch of a shape says which shape it is as
+    plainly as its colour, and a word's patches name the word."""
+    covered = targets["color"] > 0
+    color_logits = heads["color"](tokens)
+    loss = F.cross_entropy(color_logits.flatten(0, 2), targets["color"].flatten())
+    if covered.any():
+        loss = loss + F.cross_entropy(color_logits[covered], targets["color"][covered])
+    for name in ("shape", "size", "word"):
+        shown = targets[name] > 0
+        if shown.any():
+            loss = loss + F.cross_entropy(heads[name](tokens[shown]), targets[name][shown] - 1)
+    return loss
+
+
 def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Path, seed: int, steps: int,
                           batch_size: int = 32, lr: float = 2e-3, size: TowerSize = TowerSize(), log: Log = print,
-                          device: str = "cpu") -> dict:
+                          device: str = "cpu", patch_weight: float = 0.0) -> dict:
     """CLIP training at two levels: whole image vs caption (CLS token, as CLIP), and each object's patch
     region vs its phrase at the layer the VLM reads (dense region-phrase pairs make a tiny tower learn the
-    attributes in a minute instead of hours)."""
+    attributes in a minute instead of hours); with `patch_weight` > 0 also per-patch read-outs of colour, shape,
+    size and word at that layer (`_patch_loss`), dropped when the tower is saved."""
     import sentencepiece as spm
     from transformers import CLIPVisionModel
 
@@ -156,7 +185,9 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
     sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
     eot = sp.get_piece_size()
     model = _clip_model(eot, size, 64).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    heads = _patch_heads(size.hidden).to(device)
+    parameters = list(model.parameters()) + (list(heads.parameters()) if patch_weight else [])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
     rng = random.Random(f"{seed}:clip")
     grid = IMAGE_SIZE // PATCH
     start, losses = time.time(), []
@@ -174,6 +205,8 @@ def pretrain_vision_tower(scenes: list[Scene], tokenizer_dir: Path, out_dir: Pat
         phrase_embeds = model.text_projection(model.text_model(*_encode_texts(sp, phrases, eot, device)).pooler_output)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = _soft_clip_loss(image_embeds, caption_embeds, captions, scale) + _soft_clip_loss(region_embeds, phrase_embeds, phrases, scale)
+        if patch_weight:
+            loss = loss + patch_weight * _patch_loss(heads, selected, _patch_targets(batch, device))
         losses.append(_optimizer_step(optimizer, loss, step, steps, lr))
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log(f"clip step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} ({time.time() - start:.0f}s)")
@@ -233,37 +266,9 @@ def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: P
     (out_dir / "tokenizer.model").write_bytes((Path(tokenizer_dir) / "tokenizer.model").read_bytes())
     save_tokenizer_files(out_dir)
     seconds = time.time() - start
+    from mobilevlm.demo.probes import context_lookup_auc
+
     lookup = context_lookup_auc(model, tokenizer, seed)
     log(f"llm context lookup: AUC {lookup:.3f} on held-out existence questions (0.5 = chance)")
     return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "seconds": seconds, "context_lookup_auc": lookup}
-
-
-@torch.no_grad()
-def context_lookup_auc(model, tokenizer, seed: int, scenes: int = 60) -> float:
-    """How well the language model answers "Is there a <colour> <shape>?" from a "Context:" caption: the ranking
-    of logit("yes") - logit("no") against the truth (AUC; 0.5 = chance) on 3-object scenes with two present and
-    two absent objects, as the POPE-style set asks. The skill the image questions need, measured in text."""
-    from mobilevlm.conversation import get_conv_template
-    from mobilevlm.demo import questions as Q
-    from mobilevlm.demo.scenes import sample_shapes
-
-    rng = random.Random(f"{seed}:lookup-check")
-    yes, no = (tokenizer(word, add_special_tokens=False).input_ids[-1] for word in ("yes", "no"))
-    model.eval()
-    scored = []
-    for _ in range(scenes):
-        scene = sample_shapes(rng, count=3)
-        context = f"Context: {caption(scene, rng)}\n"
-        names = [(o.name, True) for o in rng.sample(scene.objects, 2)]
-        names += [(name, False) for name in Q.absent_objects(scene, rng.choice(("adversarial", "random")), rng, 2)]
-        for name, present in names:
-            conv = get_conv_template("v1")
-            conv.append_message(conv.roles[0], context + Q.short_prompt(Q.exists_question(name)))
-            conv.append_message(conv.roles[1], None)
-            logits = model(input_ids=tokenizer(conv.get_prompt(), return_tensors="pt").input_ids).logits[0, -1]
-            scored.append((float(logits[yes] - logits[no]), present))
-    positives = [score for score, present in scored if present]
-    negatives = [score for score, present in scored if not present]
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))

@@ -27,11 +27,11 @@ FAST_SIZES = {"gqa": 40, "sqa": 30, "textvqa": 30, "pope": 10, "mme": 6, "mmbenc
 
 
 class _SceneBook:
-    """Draws evaluation scenes, never one seen in training nor the same one twice, and remembers them."""
+    """Draws evaluation scenes, held-out ones only (`Scene.held_out`: never in any training data) and never the
+    same one twice, and remembers them."""
 
-    def __init__(self, seed: int, exclude: set):
+    def __init__(self, seed: int):
         self.seed = seed
-        self.exclude = exclude
         self.keys: set = set()
 
     def rng(self, name: str) -> random.Random:
@@ -40,7 +40,7 @@ class _SceneBook:
     def draw(self, sampler, rng: random.Random, accept=lambda scene: True) -> Scene:
         while True:
             scene = sampler(rng)
-            if scene.key() not in self.keys and scene.key() not in self.exclude and accept(scene):
+            if scene.held_out and scene.key() not in self.keys and accept(scene):
                 self.keys.add(scene.key())
                 return scene
 
@@ -210,13 +210,13 @@ def popularity_order(scenes: list[Scene]) -> list[str]:
 
 
 def write_benchmark_data(root: Path, seed: int, sizes: dict[str, int], training_scenes: list[Scene]) -> set:
-    """Write all six sets under `root` (the benchmark_data directory), using no scene of `training_scenes`.
+    """Write all six sets under `root` (the benchmark_data directory), from held-out scenes only.
 
     Returns the keys of the scenes used. POPE's "popular" negatives follow the object frequencies of the
     training scenes, as POPE's follow COCO's.
     """
     root = Path(root)
-    book = _SceneBook(seed, {scene.key() for scene in training_scenes})
+    book = _SceneBook(seed)
     write_gqa(root, book, sizes["gqa"])
     write_pope(root, book, sizes["pope"], popularity_order(training_scenes))
     write_mme(root, book, sizes["mme"])

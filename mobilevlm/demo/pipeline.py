@@ -1,8 +1,10 @@
-"""`run_demo`: generated data -> tokenizer, CLIP tower, MobileLLaMA -> stage I -> stage II -> evaluation -> examples.
+"""`run_demo`: shipped bases + generated data -> stage I -> stage II -> evaluation -> examples.
 
-Stages I and II run through the project's own training pipeline (`mobilevlm.train.pipeline.run_pipeline`, the
-run.sh equivalent, with the CPU-sized V2 or V1 recipe) and the evaluation through `mobilevlm.eval`, on the
-generated benchmark_data tree: the demo exercises the real code paths end to end, only smaller.
+As the real recipe starts from a pre-trained MobileLLaMA and CLIP ViT, the demo starts from the small bases
+shipped in the package (`shipped.py`; `--from-scratch` trains them inside the run instead). Stages I and II run
+through the project's own training pipeline (`mobilevlm.train.pipeline.run_pipeline`, the run.sh equivalent,
+with the CPU-sized V2 or V1 recipe) and the evaluation through `mobilevlm.eval`, on the generated
+benchmark_data tree: the demo exercises the real code paths end to end, only smaller.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from mobilevlm.demo import bases, benchmarks, report, trainsets
+from mobilevlm.demo import benchmarks, report, shipped, trainsets
 from mobilevlm.errors import MobileVLMError
 
 Log = Callable[[str], None]
@@ -22,71 +24,41 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DemoSettings:
-    # Sized for the 10-minute goal on 2 idle cores: stage II (~0.32 s an update there) and stage I (~0.16 s) are
-    # most of the time (docs/demo.md).
+    """Stage I and stage II of one demo run (the bases are `shipped.BaseSettings`)."""
     train_images: int = 6000
-    # Stage I is where the image tokens get read object by object: after "There is a small red" the caption
-    # names the shape of the red object 40 % of the time after 250 updates, 68 % after 500, 87 % after 1000
-    # (chance 25 %). With 750 or 500 updates stage II came out answering every yes/no question alike in all
-    # three runs tried, with 1000 in none of seven (on three stage-I checkpoints; docs/demo.md). 4000 captions,
-    # two epochs: 1000 updates.
     pretrain_samples: int = 4000
-    # Twice as many (4400) gave GQA-style +3 points over four seeds and one more seed a yes/no check, but take the
-    # full demo to ~11 minutes; 3000 gave neither (docs/demo.md).
     finetune_samples: int = 2200
-    eval_sizes: dict = field(default_factory=lambda: dict(benchmarks.FULL_SIZES))
-    vocab_size: int = 1000
-    # Text-only reading-comprehension conversations (trainsets.reading_samples): the language model's
-    # pre-training gets them all, stage II a share so that the skills survive instruction tuning.
-    reading_samples: int = 4000
+    # text-only reading conversations in stage II, so that the bases' text skills survive instruction tuning
     reading_in_finetune: int = 300
-    # 200 steps triple the shape's share of the tower's tokens (0.06 -> 0.19 of their variance), but stage II then
-    # learned no yes/no check in either seed tried (docs/demo.md, eleventh round).
-    clip_steps: int = 60
-    # The language model's text lookup (its learning rate: `bases.LLM_LR`): with the patterned shapes and 1000
-    # stage-I updates the image questions no longer need it (GQA-style 55.0 / 55.8, POPE-style 79.1 / 79.7 after
-    # 400 / 1200 steps); it adds the TextVQA-style OCR-token copy (21 vs 48), but 1200 steps do not fit the
-    # 10 minutes beside the longer stage I (`--scale 3` gives them).
-    llm_steps: int = 400
-    llm_lr: float = bases.LLM_LR
-    llm_batch_size: int = 8
+    eval_sizes: dict = field(default_factory=lambda: dict(benchmarks.FULL_SIZES))
     # Tiny models learn from the number of updates more than from the batch: small batches, two epochs.
     pretrain_epochs: float = 2.0
     finetune_epochs: float = 2.0
     pretrain_lr: float = 1e-3
     pretrain_projector_lr: float = 3e-3
-    # 2e-3 made stage II settle on the answer priors (yes/no margins the same for every question) when the tower
-    # could not tell shapes apart; with the patterned shapes and the longer stage I, 1e-3 learned more than 5e-4
-    # (shape questions 47 % vs 22 %, GQA-style 52.9 vs 48.8; docs/demo.md). 7e-4 over six seeds: yes/no answers
-    # kept in two more seeds, lost in seed 0 (POPE-style mean 66.2 vs 60.7; seed 0 69.4 vs 79.1): not adopted.
     finetune_lr: float = 1e-3
     batch_size: int = 8
     word_fraction: float = 0.25
     mix: trainsets.Mix = trainsets.Mix()
-    tower: bases.TowerSize = bases.TowerSize()
-    llm: bases.LlmSize = bases.LlmSize()
 
 
 FULL = DemoSettings()
-# The full demo's training with the small test sets: what CI runs. A variant with half the work (the language
-# model stopped at 400 steps, before its context lookup appears; stage I 500 updates, stage II 1600
-# conversations) came out of stage II answering every yes/no question alike in both seeds tried (POPE-style
-# accuracy 50.0), as the full data with the short language model did not (79.1): the saving is not safe to
-# take (docs/demo.md).
+# The full demo's training with the small test sets: what CI runs.
 FAST = replace(FULL, eval_sizes=dict(benchmarks.FAST_SIZES))
 PROJECTORS = {"ldpnetv2": "tiny_v2", "ldpnet": "tiny_v1"}
+# `--from-scratch`: the bases trained inside the run, at a size that fits beside the two stages.
+FROM_SCRATCH = replace(shipped.BaseSettings(), corpus_scenes=6000, clip_steps=60, patch_weight=0.0, reading_samples=4000,
+                       llm_steps=400, llm_batch=8)
 
 
 def scaled(settings: DemoSettings, factor: float) -> DemoSettings:
-    """The same recipe with `factor` times the training data and steps (the test sets stay): how far the demo's
-    scores go with more compute than the 10-minute budget, e.g. on a GPU."""
+    """The same recipe with `factor` times the stage data and updates (the test sets stay): how far the demo's
+    scores go with more compute, e.g. on a GPU."""
     def times(n: int) -> int:
         return max(1, round(n * factor))
 
     return replace(settings, train_images=times(settings.train_images), pretrain_samples=times(settings.pretrain_samples),
-                   finetune_samples=times(settings.finetune_samples), reading_samples=times(settings.reading_samples),
-                   reading_in_finetune=times(settings.reading_in_finetune), clip_steps=times(settings.clip_steps),
-                   llm_steps=times(settings.llm_steps))
+                   finetune_samples=times(settings.finetune_samples), reading_in_finetune=times(settings.reading_in_finetune))
 
 
 class _Clock:
@@ -107,9 +79,9 @@ class _Clock:
 
 
 def _progress_callback(log: Log):
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback
 
-    class Progress(TrainerCallback):
+    class Progress(PrinterCallback):  # replaces the Trainer's own printer: one line per logged update
         def on_train_begin(self, args, state, control, **kwargs):
             self.begin = time.time()
 
@@ -131,8 +103,7 @@ def prepare_data(out: Path, seed: int, settings: DemoSettings) -> dict:
     order = rng.sample(range(len(scenes)), min(settings.finetune_samples, len(scenes)))
     instructions = trainsets.instruction_samples([scenes[i] for i in order], [names[i] for i in order], seed,
                                                   mix=settings.mix)
-    reading = trainsets.reading_samples(scenes, seed, settings.reading_samples)
-    finetune = instructions + reading[: settings.reading_in_finetune]
+    finetune = instructions + trainsets.reading_samples(scenes, seed, settings.reading_in_finetune)
     benchmarks.write_benchmark_data(out / "benchmark_data", seed, settings.eval_sizes, scenes)
     return {
         "scenes": scenes,
@@ -140,10 +111,6 @@ def prepare_data(out: Path, seed: int, settings: DemoSettings) -> dict:
         "finetune_json": trainsets.write_json(out / "data" / "finetune.json", finetune),
         "images": out / "data" / "images",
         "benchmark_data": out / "benchmark_data",
-        "corpus": trainsets.corpus_lines(captions + instructions + reading),
-        # Reading samples only: trained on them together with the image instructions (whose answers the text
-        # alone cannot give), the language model did not learn the context lookup (docs/demo.md).
-        "llm_text": reading,
     }
 
 
@@ -156,24 +123,27 @@ def clear_previous_run(out: Path) -> None:
         return
     if not ((out / "demo_summary.json").exists() or (out / "data" / "pretrain.json").exists()):
         raise MobileVLMError(f"--out {out}: the folder is not empty and holds no previous demo; choose a new or empty folder")
-    for stale in ("train", "eval"):
+    for stale in ("train", "eval", "eval_blank", "benchmark_data_blank"):
         shutil.rmtree(out / stale, ignore_errors=True)
     (out / "demo_summary.json").unlink(missing_ok=True)
 
 
-def _stage_args(epochs: float, lr: float, batch: int, device: str, extra: list[str] = ()) -> list[str]:
+def _stage_args(epochs: float, lr: float, batch: int, device: str, seed: int, extra: list[str] = ()) -> list[str]:
     # the Trainer takes a GPU whenever there is one: --use_cpu keeps a CPU demo on the CPU
     where = ["--use_cpu", "True"] if device == "cpu" else []
     return ["--num_train_epochs", str(epochs), "--learning_rate", str(lr), "--per_device_train_batch_size", str(batch),
             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--save_strategy", "no", "--logging_steps", "10",
-            "--disable_tqdm", "True", "--model_max_length", "256", *where, *extra]
+            "--disable_tqdm", "True", "--model_max_length", "256", "--seed", str(seed), *where, *extra]
 
 
 def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str = "ldpnetv2",
              settings: DemoSettings | None = None, log: Log = print, examples: int = 4, device: str = "cpu",
-             scale: float = 1.0) -> dict:
+             scale: float = 1.0, bases_dir: str | Path | None = None, from_scratch: bool = False,
+             base_settings: shipped.BaseSettings | None = None) -> dict:
     """The whole demo; returns {"model", "row", "metrics", "phases", "examples", ...} and writes demo_summary.json.
-    Everything trains and runs on `device` ("cpu" or "cuda"), in float32; `scale` multiplies the training (`scaled`)."""
+    Everything trains and runs on `device` ("cpu" or "cuda"), in float32; `scale` multiplies the stage training
+    (`scaled`). The run starts from the shipped bases, from `bases_dir`, or (`from_scratch`) from bases trained
+    first inside the run (`base_settings`, default `FROM_SCRATCH`)."""
     import torch
 
     if projector not in PROJECTORS:
@@ -182,6 +152,10 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
         raise MobileVLMError(f"--scale {scale}: must be positive")
     if device == "cuda" and not torch.cuda.is_available():
         raise MobileVLMError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if from_scratch and bases_dir:
+        raise MobileVLMError("--from-scratch trains its own bases: leave out --bases")
+    if not from_scratch:
+        shipped.verify(Path(bases_dir) if bases_dir else shipped.SHIPPED)  # before any work
 
     from mobilevlm.eval.evaluate import run_evaluation
     from mobilevlm.train.pipeline import run_pipeline
@@ -192,40 +166,67 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     clock = _Clock(log)
+    if from_scratch:
+        base = out / "base"
+        manifest = clock.run("pre-train tokenizer, CLIP tower and MobileLLaMA", shipped.build_bases, base,
+                             replace(base_settings or FROM_SCRATCH, seed=seed), log=log, device=device,
+                             command=f"mobilevlm demo --from-scratch --seed {seed}")
+    else:
+        base = Path(bases_dir) if bases_dir else shipped.SHIPPED
+        manifest = shipped.verify(base)
+        log(f"starting from the bases in {base} (built by `{manifest['built_by']}`)")
     data = clock.run("generate data", prepare_data, out, seed, settings)
-    base = out / "base"
-    clock.run("train tokenizer", bases.train_tokenizer, data["corpus"], base / "tokenizer", settings.vocab_size)
-    tower = clock.run("pre-train CLIP vision tower", bases.pretrain_vision_tower, data["scenes"], base / "tokenizer",
-                      base / "clip-vit-tiny-96", seed, settings.clip_steps, size=settings.tower, log=log, device=device)
-    llm = clock.run("pre-train MobileLLaMA", bases.pretrain_language_model, data["llm_text"], base / "tokenizer",
-                    base / "mobilellama-tiny", seed, settings.llm_steps, batch_size=settings.llm_batch_size, lr=settings.llm_lr,
-                    size=settings.llm, log=log, device=device)
     recipe = PROJECTORS[projector]
     train_dir = out / "train"
-    common = dict(language_model=str(base / "mobilellama-tiny"), vision_model=str(base / "clip-vit-tiny-96"),
+    common = dict(language_model=str(base / shipped.LLM_DIR), vision_model=str(base / shipped.TOWER_DIR),
                   output_dir=str(train_dir), pretrain_data=str(data["pretrain_json"]), pretrain_images=str(data["images"]),
                   finetune_data=str(data["finetune_json"]), finetune_images=str(data["images"]),
                   callbacks=[_progress_callback(log)])
     projector_lr = ["--mm_projector_lr", str(settings.pretrain_projector_lr)] if recipe == "tiny_v2" else []
     pretrain_lr = settings.pretrain_projector_lr if recipe == "tiny_v1" else settings.pretrain_lr
-    pretrain_args = _stage_args(settings.pretrain_epochs, pretrain_lr, settings.batch_size, device, projector_lr)
-    finetune_args = _stage_args(settings.finetune_epochs, settings.finetune_lr, settings.batch_size, device)
+    pretrain_args = _stage_args(settings.pretrain_epochs, pretrain_lr, settings.batch_size, device, seed, projector_lr)
+    finetune_args = _stage_args(settings.finetune_epochs, settings.finetune_lr, settings.batch_size, device, seed)
     clock.run("stage I: pre-training (plain captions)", run_pipeline, recipe, "pretrain", pretrain_args=pretrain_args, **common)
     trained = clock.run("stage II: instruction tuning (v1)", run_pipeline, recipe, "pretrain-finetune",
                         pretrain_args=pretrain_args, finetune_args=finetune_args, **common)
     model_dir = trained["finetune"]
     evaluation = clock.run("evaluate on the six generated benchmarks", run_evaluation, model_dir, data["benchmark_data"],
                            out_dir=out / "eval", batch_size=16, device=device, dtype="float32", log=lambda m: log(f"    {m}"))
-    pope_kinds = report.pope_yes_by_kind(data["benchmark_data"], evaluation["answers"]["pope"])
+    blank = clock.run("the same model on blank images (GQA-, POPE-style)", blank_image_scores, model_dir,
+                      data["benchmark_data"], out, device)
     shown = clock.run("example questions on held-out images", example_answers, model_dir, data["benchmark_data"], examples,
                       seed, device)
     summary = {"model": model_dir, "projector": projector, "recipe": recipe, "seed": seed, "fast": fast,
-               "device": device, "scale": scale,
+               "device": device, "scale": scale, "bases": str(base), "from_scratch": from_scratch,
                "row": evaluation["row"], "metrics": {k: v["score"] for k, v in evaluation["metrics"].items()},
-               "pope_yes_by_kind": pope_kinds, "phases": clock.phases, "total_seconds": time.time() - clock.start, "examples": shown,
-               "tower": tower, "llm": llm, "settings": asdict(settings), "results_markdown": evaluation["files"]["markdown"]}
+               "blank_images": blank,
+               "gqa_by_type": report.gqa_accuracy_by_type(data["benchmark_data"], evaluation["answers"]["gqa"]),
+               "pope_yes_by_kind": report.pope_yes_by_kind(data["benchmark_data"], evaluation["answers"]["pope"]),
+               "phases": clock.phases, "total_seconds": time.time() - clock.start, "examples": shown,
+               "base_probes": {"tower": manifest["tower"]["probes"], "language_model": manifest["language_model"]["probes"]},
+               "settings": asdict(settings), "results_markdown": evaluation["files"]["markdown"]}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def blank_image_scores(model_dir: str, benchmark_data: Path, out: Path, device: str = "cpu") -> dict[str, float]:
+    """GQA- and POPE-style scores of the model with every image replaced by the empty background: what the
+    questions alone give. Near chance means the answers come from the images."""
+    from PIL import Image
+
+    from mobilevlm.demo.scenes import BACKGROUND, IMAGE_SIZE
+    from mobilevlm.eval.evaluate import run_evaluation
+
+    blank_root = out / "benchmark_data_blank"
+    shutil.rmtree(blank_root, ignore_errors=True)
+    for name in ("gqa", "pope"):
+        shutil.copytree(Path(benchmark_data) / name, blank_root / name)
+    empty = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    for image in blank_root.rglob("*.png"):
+        empty.save(image)
+    result = run_evaluation(model_dir, blank_root, benchmarks="gqa,pope", out_dir=out / "eval_blank", batch_size=16,
+                            device=device, dtype="float32")
+    return {column: value for column, value in result["row"].items() if column != "Avg"}
 
 
 def example_answers(model_dir: str, benchmark_data: Path, count: int, seed: int, device: str = "cpu") -> list[dict]:

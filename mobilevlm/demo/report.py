@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mobilevlm.demo.questions import asked_object
+from mobilevlm.eval.gqa import QUESTIONS_FILE, convert_prediction, read_balanced_questions
 from mobilevlm.eval.records import qid, read_answers, read_jsonl
 
 # Expected score of answering at random on the generated sets: GQA-style has 2-5 candidate answers per
@@ -19,6 +20,19 @@ ABOVE_CHANCE = {"GQA": 45.0, "SQA^I": 50.0, "VQA^T": 65.0, "POPE": 72.0, "MME^P"
 def below_expectation(row: dict) -> list[str]:
     """The columns of a model-zoo row that are not clearly above chance (empty when all are)."""
     return [column for column, floor in ABOVE_CHANCE.items() if row.get(column, 0.0) < floor]
+
+
+def gqa_accuracy_by_type(benchmark_data: str | Path, answers: str | Path) -> dict[str, dict]:
+    """{question type: {"questions": n, "accuracy": %}} of the GQA-style set (colour, shape, count, position,
+    size, ocr), scored as the GQA scorer scores (`gqa.convert_prediction`, exact match)."""
+    replies = {qid(row["question_id"]): row["text"] for row in read_answers(Path(answers))}
+    asked, right = defaultdict(int), defaultdict(int)
+    for question_id, question in read_balanced_questions(Path(benchmark_data) / "gqa" / QUESTIONS_FILE):
+        if question_id in replies:
+            kind = question["types"]["detailed"]
+            asked[kind] += 1
+            right[kind] += convert_prediction(replies[question_id]) == question["answer"]
+    return {kind: {"questions": asked[kind], "accuracy": 100.0 * right[kind] / asked[kind]} for kind in sorted(asked)}
 
 
 # The kinds of POPE-style question, by what the image holds of the object asked about. Which of them get "yes"
@@ -65,17 +79,30 @@ def format_summary(summary: dict) -> str:
     where = f"on {summary.get('device', 'cpu')}, training x{summary.get('scale', 1.0):g}"
     lines = ["", "=" * 72, "MobileVLM demo summary", "=" * 72, "", f"Time per phase ({where}):"]
     for name, seconds in summary["phases"].items():
-        lines.append(f"  {name:<45} {seconds:7.0f} s")
-    lines.append(f"  {'total':<45} {summary['total_seconds']:7.0f} s")
-    lookup = summary.get("llm", {}).get("context_lookup_auc")
-    if lookup is not None:
-        lines += ["", f"Language model's context lookup before any image (AUC, 0.5 = chance): {lookup:.3f}"]
+        lines.append(f"  {name:<52} {seconds:7.0f} s")
+    lines.append(f"  {'total':<52} {summary['total_seconds']:7.0f} s")
+    probes = summary.get("base_probes")
+    if probes:
+        tower, llm = probes["tower"], probes["language_model"]
+        lines += ["", "Starting point (the bases' probes on held-out scenes; " + ("trained in this run" if summary.get("from_scratch")
+                  else f"from {summary['bases']}") + "):",
+                  "  tower, linear probes: " + ", ".join(f"{k} {tower[k]:.0f} %" for k in ("color", "shape", "size", "position", "word")),
+                  f"  language model: context lookup AUC {llm['context_lookup_auc']:.3f} (chance 0.5), OCR-token copy "
+                  f"{llm['ocr_copy_rate']:.0f} % (50), option letter {llm['option_letter_accuracy']:.0f} % (36)"]
     row = summary["row"]
     columns = [c for c in row if c != "Avg"] + (["Avg"] if "Avg" in row else [])
     lines += ["", "Model-zoo row (generated benchmarks; MME^P is out of 1000: 5 perception subtasks):", "",
               "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
               f"| demo {summary['projector']} | " + " | ".join(_fmt(row[c]) for c in columns) + " |",
               "| chance | " + " | ".join(_fmt(CHANCE[c]) if c in CHANCE else "" for c in columns) + " |", ""]
+    blank = summary.get("blank_images")
+    if blank:
+        lines += ["The same model with blank images (the questions alone; chance " + ", ".join(f"{c} {CHANCE[c]:g}" for c in blank)
+                  + "): " + ", ".join(f"{c} {_fmt(v)}" for c, v in blank.items()), ""]
+    by_type = summary.get("gqa_by_type")
+    if by_type:
+        lines += ["GQA-style accuracy by question type: " + ", ".join(f"{kind} {share['accuracy']:.0f} % of {share['questions']}"
+                                                                  for kind, share in by_type.items()), ""]
     by_kind = summary.get("pope_yes_by_kind")
     if by_kind:
         lines += ["POPE-style questions answered \"yes\", by what the image holds of the object asked about:"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+import hashlib
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 IMAGE_SIZE = 96
@@ -39,6 +41,7 @@ PATTERNS = {"circle": None, "square": lambda x, y: y % 4 == 0, "triangle": lambd
 PATTERN_SHADE = 0.55  # the pattern's pixels: the fill colour darkened to this fraction
 WORD_ROWS = ("top", "bottom")
 MAX_OBJECTS = 3
+HELD_OUT_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,16 @@ class Scene:
         return "words" if self.words else "shapes"
 
     def key(self) -> tuple:
-        """Identical keys render identical images; used to keep evaluation scenes out of training."""
+        """Identical keys render identical images."""
         return (self.objects, self.words)
+
+    @property
+    def held_out(self) -> bool:
+        """One scene in `HELD_OUT_EVERY`, chosen by a hash of its key, is for evaluation only: training data (the
+        shipped bases' corpus and every demo run's stage data) never holds one, evaluation sets hold nothing else,
+        so no seed of either can leak a test image into training."""
+        digest = hashlib.sha256(repr(self.key()).encode()).digest()
+        return int.from_bytes(digest[:4], "little") % HELD_OUT_EVERY == 0
 
 
 def sample_shapes(rng: random.Random, count: int | None = None) -> Scene:
@@ -100,6 +111,13 @@ def sample_words(rng: random.Random, count: int | None = None) -> Scene:
 
 def sample_scene(rng: random.Random, word_fraction: float = 0.25) -> Scene:
     return sample_words(rng) if rng.random() < word_fraction else sample_shapes(rng)
+
+
+def sample_training_scene(rng: random.Random, word_fraction: float = 0.25) -> Scene:
+    while True:
+        scene = sample_scene(rng, word_fraction)
+        if not scene.held_out:
+            return scene
 
 
 @lru_cache(maxsize=1)
@@ -198,3 +216,29 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
 
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+PATCH_GRID = 24  # the tower's 4-pixel patches on the 96-pixel image: the official 24x24 grid
+
+
+def patch_labels(scene: Scene) -> dict[str, np.ndarray]:
+    """What each of the 24x24 patches shows, as class indices (0 = nothing): "color" (1 + index in COLORS),
+    "shape" (1 + index in SHAPES), "size" (1 + index in SIZES) for patches at least half covered by a shape, and
+    "word" (1 + index in WORDS) plus its colour for every patch in a word's box (a word is read from its whole
+    box, not from single strokes). The vision tower's per-patch training targets."""
+    side = IMAGE_SIZE // PATCH_GRID
+    labels = {name: np.zeros((PATCH_GRID, PATCH_GRID), dtype=np.int64) for name in ("color", "shape", "size", "word")}
+    colors, sizes = list(COLORS), list(SIZES)
+    for obj in scene.objects:
+        coverage = np.asarray(_shape_mask(obj), dtype=np.float32).reshape(PATCH_GRID, side, PATCH_GRID, side).mean(axis=(1, 3))
+        inside = coverage >= 127.5
+        labels["color"][inside] = 1 + colors.index(obj.color)
+        labels["shape"][inside] = 1 + SHAPES.index(obj.shape)
+        labels["size"][inside] = 1 + sizes.index(obj.size)
+    for word in scene.words:
+        x0, y0, x1, y1 = _word_origin(word)[2]
+        rows = slice(max(0, y0 // side), min(PATCH_GRID, -(-y1 // side)))
+        cols = slice(max(0, x0 // side), min(PATCH_GRID, -(-x1 // side)))
+        labels["word"][rows, cols] = 1 + WORDS.index(word.text)
+        labels["color"][rows, cols] = 1 + colors.index(word.color)
+    return labels

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mobilevlm.demo import questions as Q
-from mobilevlm.demo.scenes import COLORS, SHAPES, WORD_ROWS, Scene, caption, render, sample_scene
+from mobilevlm.demo.scenes import COLORS, SHAPES, WORD_ROWS, Scene, caption, render, sample_training_scene
 
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in the picture?", "Give a short description of the image.")
 
 
-def training_scenes(seed: int, n: int, word_fraction: float = 0.25) -> list[Scene]:
-    rng = random.Random(f"{seed}:train")
-    return [sample_scene(rng, word_fraction) for _ in range(n)]
+def training_scenes(seed: int, n: int, word_fraction: float = 0.25, stream: str = "train") -> list[Scene]:
+    """`n` scenes, none of them held out for evaluation; `stream` names an independent sequence (the bases'
+    corpus and a demo run's stage data draw from different ones)."""
+    rng = random.Random(f"{seed}:{stream}")
+    return [sample_training_scene(rng, word_fraction) for _ in range(n)]
 
 
 def save_images(scenes: list[Scene], folder: Path, prefix: str = "img") -> list[str]:

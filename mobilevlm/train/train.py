@@ -82,6 +82,10 @@ def run_training(args=None, callbacks=None) -> str:
         tokenizer=tokenizer, image_processor=image_processor, callbacks=callbacks,
         mismatch_budget=math.floor(data_args.max_mismatch_ratio * len(train_set)),
     )
+    if any(isinstance(callback, transformers.PrinterCallback) for callback in callbacks or ()):
+        # a caller's own log printer (a PrinterCallback subclass) replaces the Trainer's raw `{'loss': ...}` lines
+        for default in [cb for cb in trainer.callback_handler.callbacks if type(cb) is transformers.PrinterCallback]:
+            trainer.remove_callback(default)
     resume = out.is_dir() and any(p.is_dir() for p in out.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_state()
