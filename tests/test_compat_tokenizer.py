@@ -55,6 +55,6 @@ def test_v1_masks_are_exact_in_both_settings(tmp_path, legacy, has_image):
 
 def test_a_mismatch_is_still_reported(tmp_path):
     tok = tokenizer_with(tmp_path, None)
-    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
-    result = preprocess("v1", turns, tok, False, 8)  # truncated: the mask cannot line up
+    turns = [{"from": "human", "value": "Hi</s>there"}, {"from": "gpt", "value": "Hello"}]
+    result = preprocess("v1", turns, tok, False, 2048)  # a "</s>" in the question breaks the round split
     assert result.mismatch is not None and all(label == IGNORE_INDEX for label in result.labels.tolist())
