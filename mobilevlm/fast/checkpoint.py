@@ -130,8 +130,7 @@ def _assign_from_file(model: nn.Module, path: Path) -> None:
         if not names:
             continue
         # Reopened per module, and every tensor copied out of the map: a tensor that still points into the map
-        # keeps the whole file mapped, and each page read so far counts as resident (a 1.7B int8 load peaked at
-        # 3.3 GB that way, the fused projections being copies of pages that stayed mapped).
+        # keeps the whole file mapped, and each page read so far would count as resident.
         with safe_open(str(path), framework="pt") as file:
             for name in names:
                 key = prefix + name
@@ -155,8 +154,7 @@ def _assign_from_file(model: nn.Module, path: Path) -> None:
                     module._portable, module._packed = tensor, None
         if isinstance(module, (Int4Linear, Int8Linear)) and prefix + "qweight" in consumed:
             module.pack()
-            # packing frees its staging buffers (tens of MB per matrix); glibc would keep them and the heap would
-            # end ~0.2 GB above the model at 1.7B
+            # packing frees its staging buffers (tens of MB per matrix), which glibc would otherwise keep
             release_freed_memory()
     if missing:
         raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:6])}"

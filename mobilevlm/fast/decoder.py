@@ -23,8 +23,8 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module:
 
     Only int4 linears and int8 ones on the VNNI kernel are fused (their layouts store whole blocks of output rows
     one after another, so they concatenate along rows): full-precision weights loaded by transformers are often
-    memory-mapped from the checkpoint, so a fused copy would hold them twice (measured: +1.8 GB at 1.7B, and no
-    faster), and fbgemm's packed int8 weights cannot be viewed by rows."""
+    memory-mapped from the checkpoint, so a fused copy would hold them twice (and was no faster), and fbgemm's
+    packed int8 weights cannot be viewed by rows."""
     kinds = {type(linear) for linear in linears}
     if len(kinds) != 1 or any(getattr(linear, "bias", None) is not None for linear in linears):
         return _Concat(linears)
@@ -94,8 +94,8 @@ class LeanDecoder:
         self.layers = []
         for layer in inner.layers:
             self.layers.append(_Layer(layer))
-            # fusing replaced this layer's int4 / int8 weights by one copy: return the freed originals at once, or the heap
-            # grows by ~0.2 GB at 1.7B before the last layer is done
+            # fusing replaced this layer's int4 / int8 weights by one copy: return the freed originals at once, or
+            # the heap grows layer by layer until the last is done
             release_freed_memory()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -114,16 +114,15 @@ class LeanDecoder:
         allocate = torch.zeros if self.cuda_graph else torch.empty
         self.k_cache = allocate(shape, dtype=self.dtype, device=self.device)
         self.v_cache = allocate(shape, dtype=self.dtype, device=self.device)
-        # CPU attention in bf16 (SDPA's flash or math kernel, or bf16 bmm) takes 0.5-0.8 ms a layer for one token
-        # at 232 positions, ~15 % of an int4 step; upcasting the slices and running the fp32 flash kernel, 0.23 ms.
+        # CPU attention in bf16 is slower than upcasting the slices for the fp32 flash kernel (docs/notes/speed.md).
         # The upcast goes into preallocated buffers (pages touched only up to the sequence's length): a fresh
         # multi-MB tensor per layer and step would be an mmap and a page fault per page under
         # `limit_heap_retention`, or heap that glibc keeps.
         self._upcast = None
         if self.device.type == "cpu" and self.dtype != torch.float32:
             self._upcast = [torch.empty(self.kv_heads, self.max_len, self.head_dim) for _ in range(2)]
-        # A decode step's attention reads the bf16 cache directly in the native kernel (0.15 ms a layer at 230
-        # positions, one thread, against 0.5 ms for the upcast + fp32 flash kernel: docs/speed.md).
+        # A decode step's attention reads the bf16 cache directly in the native kernel, faster still than the
+        # upcast + fp32 flash kernel.
         self.native_attention = (self.device.type == "cpu" and self.dtype == torch.bfloat16
                                  and self.head_dim % 16 == 0 and native.available())
         self.length = 0
@@ -247,5 +246,5 @@ class LeanDecoder:
             return self.embed(ids)[0]
         embeds, _, _, _ = self.model.prepare_inputs_labels_for_multimodal(
             ids, None, None, images.to(self.device, self.model.dtype))
-        release_freed_memory()  # the tower's activations (~0.1 GB at 577 tokens) would stay with the heap
+        release_freed_memory()  # the tower's activations would otherwise stay with the heap
         return embeds[0]

@@ -1,10 +1,9 @@
 """The two CPU kernels behind `Int4Linear`, each with its own in-memory weight layout.
 
 - `VnniKernel`: int4 weights x int8 activations with AVX-512 VNNI dot products (kernels/vnni_matmul.cpp, one of
-  the `native` kernels, built on first use). Decoding is
-  memory-bound instead of compute-bound: 4.5-5.7x faster per matrix than aten's kernel for one token and 3.4-4.3x for
-  a 350-token prefill, one thread (docs/speed.md), at the price of rounding activations to int8 per group
-  (~0.7 % relative error per matrix, like llama.cpp's Q4_0 x Q8_0).
+  the `native` kernels, built on first use). Decoding becomes memory-bound instead of compute-bound (several times
+  aten's kernel: docs/notes/speed.md), at the price of rounding activations to int8 per group, as llama.cpp's
+  Q4_0 x Q8_0 does.
 - `AtenKernel`: torch's `aten._weight_int4pack_mm_for_cpu` (bf16 activations), where the native kernels are
   not available (no AVX-512 VNNI, no C++ compiler, or MOBILEVLM_NATIVE_KERNELS=0).
 

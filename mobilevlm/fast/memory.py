@@ -13,14 +13,14 @@ def _glibc(function: str, *args) -> None:
 
 
 def release_freed_memory() -> None:
-    """Hands freed heap back to the OS. glibc keeps freed blocks for reuse: packing a 1.7B model layer by layer
-    leaves ~0.3 GB of them, an image encoding ~0.1 GB, resident and counted in RSS though never used again."""
+    """Hands freed heap back to the OS. glibc keeps freed blocks for reuse: those left by packing a model layer
+    by layer, or by an image encoding, would stay resident and counted in RSS though never used again."""
     _glibc("malloc_trim", 0)
 
 
 # Allocations from this size up are mmapped and unmapped on free. glibc's default threshold starts at 128 KiB
 # but rises to the size of each large block freed (up to 32 MiB), after which prefill and image-encoding buffers
-# of a few MB come from the heap and stay resident after use: ~0.1 GB of peak RSS at 1.7B (docs/speed.md).
+# of a few MB come from the heap and stay resident after use (their cost in peak RSS: docs/notes/speed.md).
 # Decode-time buffers stay below it, so decoding pays no page faults for it.
 HEAP_RETENTION_LIMIT = 1 << 20
 _M_MMAP_THRESHOLD = -3

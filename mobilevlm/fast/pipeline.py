@@ -41,7 +41,7 @@ class FastPipeline(Pipeline):
         """A checkpoint directory (full precision, or written by `mobilevlm quantize`).
 
         `quantize` ("int8" / "int4") quantizes a full-precision checkpoint while loading; `dtype` is the
-        compute dtype of everything else (bf16 by default: 2-4x faster than fp32 on CPUs with AVX512-BF16).
+        compute dtype of everything else (bf16 by default: much faster than fp32 on CPUs with AVX512-BF16).
         The int8 / int4 kernels are CPU kernels; on a GPU the lean decoder runs in full precision.
         """
         from mobilevlm.errors import MobileVLMError

@@ -45,11 +45,10 @@ class Int8Linear(nn.Module):
     Kernels, all rounding the activations to 8 bits per token on the fly (asymmetric, over the token's range):
     - `vnni` (the project's own, kernels/vnni_matmul.cpp) where the native kernels are available and the shape
       fits (out % 16, in % 4): int32 dot products on the weights reordered in place into blocks of 16 rows, so
-      that decoding streams the weights once at memory speed. Measured against fbgemm's int8 GEMM (one thread):
-      1.1-1.6x per matrix for one token, about as fast for a 350-token prefill (docs/speed.md).
+      that decoding streams the weights once at memory speed (faster than fbgemm for one token, about as fast
+      for a prefill: docs/notes/speed.md).
     - `fbgemm` (`torch.ops.quantized.linear_dynamic`) on other x86 CPUs: its packed copy replaces `qweight`;
-      ~4x faster than weight-only `torch._weight_int8pack_mm` for one token, ~1.7x faster than a bf16 GEMM for a
-      200-token prefill, at ~1 % relative error per layer from the activation rounding.
+      faster than weight-only `torch._weight_int8pack_mm` for one token and than a bf16 GEMM for a prefill.
     - weight-only `torch._weight_int8pack_mm` (bf16 activations) where fbgemm is missing (non-x86).
     `int8_weight()` gives the portable [out, in] weight back for saving.
     """
@@ -328,8 +327,8 @@ def is_vision_module(name: str) -> bool:
     return ".vision_tower" in f".{name}" or ".mm_projector" in f".{name}"
 
 
-# The CLIP tower and projector are int8 in both modes: they see ~600 rows per image, where fbgemm's int8 GEMM
-# beats a bf16 GEMM (1.7 vs 2.7 s for the 1.7B model's tower) and the int4 kernel is slow.
+# The CLIP tower and projector are int8 in both modes: they see ~600 rows per image, where an int8 GEMM beats a
+# bf16 one and int4 is no faster but much less accurate (docs/notes/speed.md).
 VISION_MODE = "int8"
 
 
