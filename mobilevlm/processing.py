@@ -37,8 +37,6 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: st
     else:
         try:
             stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-        except FileNotFoundError:
-            raise ImageError(f"{label}: image file not found (cannot open it)") from None
         except OSError as err:
             raise ImageError(f"{label}: cannot open image file ({err.strerror or err})") from None
         try:
