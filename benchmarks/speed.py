@@ -273,14 +273,9 @@ def _summary(runs, prompt_len: int) -> dict:
 def machine(device: str = "cpu") -> str:
     import torch
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mobilevlm.fast.native import cpu_model_name
+
+    cpu = cpu_model_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     try:
         import llama_cpp

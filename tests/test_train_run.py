@@ -6,7 +6,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from mobilevlm.errors import DataError
 from mobilevlm.model.loading import load_pretrained_model
 from mobilevlm.train import run_training
 from mobilevlm.train.synthetic import make_training_setup

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -33,13 +32,13 @@ class BaseSettings:
     corpus_scenes: int = 20000
     word_fraction: float = 0.25
     vocab_size: int = 1000
-    clip_steps: int = 1500
+    clip_steps: int = 600
     clip_batch: int = 32
     clip_lr: float = 2e-3
     # The per-patch read-outs make shape and word as readable from the tokens as colour (`bases._patch_loss`).
     patch_weight: float = 1.0
     reading_samples: int = 40000
-    llm_steps: int = 4000
+    llm_steps: int = 3000
     llm_batch: int = 16
     llm_lr: float = bases.LLM_LR
     tower: bases.TowerSize = field(default_factory=bases.TowerSize)
@@ -155,15 +154,9 @@ def _numel(shape) -> int:
 def _hardware(device: str) -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "device": device, "python": sys.version.split()[0]}
+    from mobilevlm.fast.native import cpu_model_name
+
+    info = {"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "device": device, "python": sys.version.split()[0]}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

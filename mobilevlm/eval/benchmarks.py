@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

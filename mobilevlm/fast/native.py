@@ -23,6 +23,19 @@ SOURCES = tuple(Path(__file__).parent / "kernels" / name for name in ("vnni_matm
 _FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fno-math-errno", "-fopenmp")
 
 
+def cpu_model_name() -> str:
+    """The CPU's marketing name (/proc/cpuinfo's "model name"), for benchmark tables and build manifests."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "?"
+
+
 @functools.lru_cache(maxsize=None)
 def build(sources: tuple[Path, ...] = SOURCES, name: str = "mobilevlm_cpu_kernels") -> str | None:
     """Builds and loads the kernels; returns why not, or None when they are loaded."""
