@@ -135,6 +135,30 @@ def test_mmproj_file(v2_ckpt, v2_f32):
     np.testing.assert_array_equal(tensors["mm.model.mlp.2.bias"].data, state["model.mm_projector.mlp.mlp.2.bias"].numpy())
 
 
+def test_mmproj_cls_layouts(v2_ckpt, v2_f32, tmp_path):
+    """Default file: no class embedding, CLIP's position rows 1..576 (the patches'); literal: CLIP's tensors as they are.
+
+    Everything else is the same in both files.
+    """
+    tower = "model.vision_tower.vision_tower.vision_model.embeddings."
+    state = _state_dict(v2_ckpt)
+    table = state[tower + "position_embedding.weight"].numpy()
+    assert table.shape == (577, 32)
+    default = _tensors(v2_f32.mmproj)
+    assert "v.class_embd" not in default
+    np.testing.assert_array_equal(default["v.position_embd.weight"].data, table[1:])
+    literal_file = export_gguf(v2_ckpt, tmp_path, "f32", literal_cls=True).mmproj
+    literal = _tensors(literal_file)
+    np.testing.assert_array_equal(literal["v.class_embd"].data, state[tower + "class_embedding"].numpy())
+    np.testing.assert_array_equal(literal["v.position_embd.weight"].data, table)
+    assert set(literal) - set(default) == {"v.class_embd"}
+    for name in default:
+        if name != "v.position_embd.weight":
+            np.testing.assert_array_equal(default[name].data, literal[name].data, err_msg=name)
+    reader = gguf.GGUFReader(literal_file)
+    assert _field(reader, "clip.vision.block_count") == 2 and _field(reader, "clip.projector_type") == "ldpv2"
+
+
 def test_ldp_v1_projector_names_and_squeezed_kernels(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "tiny_v1", "tiny_v1")
     result = export_gguf(ckpt, tmp_path / "out", "f16")
@@ -272,5 +296,9 @@ def test_cli(v2_ckpt, tmp_path, capsys):
     assert main(["export", "gguf", "--model", str(v2_ckpt), "--outdir", str(tmp_path), "--outtype", "q8_0"]) == 0
     out = capsys.readouterr().out
     assert "tiny_v2-q8_0.gguf" in out and "mmproj-tiny_v2-f16.gguf" in out
+    assert "v.class_embd" not in _tensors(tmp_path / "mmproj-tiny_v2-f16.gguf")
+    assert main(["export", "gguf", "--model", str(v2_ckpt), "--outdir", str(tmp_path), "--literal-cls"]) == 0
+    assert "v.class_embd" in _tensors(tmp_path / "mmproj-tiny_v2-f16.gguf")
+    capsys.readouterr()
     assert main(["export", "gguf", "--model", str(tmp_path / "missing"), "--outdir", str(tmp_path)]) == 1
     assert "no such model directory" in capsys.readouterr().err

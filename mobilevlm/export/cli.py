@@ -20,13 +20,16 @@ def register(subparsers) -> None:
     gguf.add_argument("--outdir", required=True, help="directory for the .gguf files (created if missing)")
     gguf.add_argument("--outtype", choices=OUTTYPE_CHOICES, default="f16",
                       help="language-model weight type (default f16); the mmproj stays f16 (f32 with --outtype f32)")
+    gguf.add_argument("--literal-cls", action="store_true",
+                      help="keep CLIP's class token in the mmproj as it is; by default it is left out because "
+                      "llama.cpp places it after the patches, which costs more (see docs/export.md)")
     gguf.set_defaults(func=run_export_gguf)
 
 
 def run_export_gguf(args: argparse.Namespace) -> int:
     from mobilevlm.export.gguf_export import export_gguf
 
-    result = export_gguf(args.model, args.outdir, args.outtype)
+    result = export_gguf(args.model, args.outdir, args.outtype, literal_cls=args.literal_cls)
     print(f"language model: {result.language_model}")
     if result.mmproj is not None:
         print(f"mmproj:         {result.mmproj}")

@@ -18,12 +18,16 @@ class ExportResult:
     mmproj: Path | None  # None for a text-only MobileLLaMA
 
 
-def export_gguf(model_dir: str | os.PathLike, outdir: str | os.PathLike, outtype: str = "f16") -> ExportResult:
+def export_gguf(model_dir: str | os.PathLike, outdir: str | os.PathLike, outtype: str = "f16",
+                literal_cls: bool = False) -> ExportResult:
     """Write `<name>-<outtype>.gguf` and, for a MobileVLM, `mmproj-<name>-<f16|f32>.gguf` into `outdir`.
 
     `outtype` sets the language model's weight matrices (f32, f16, q8_0, q4_0; norms stay F32). The mmproj
     keeps F16 matrices (F32 with outtype f32), as llama.cpp's own converter does: the vision side is small and
     its conv kernels must be F16 anyway. Everything llama.cpp cannot run is refused before any file is written.
+
+    The mmproj leaves out CLIP's class token, which today's llama.cpp misplaces (mobilevlm.export.mmproj,
+    docs/export.md); `literal_cls=True` writes the class embedding and the full position table as CLIP has them.
     """
     from mobilevlm.model.loading import read_config
 
@@ -42,6 +46,6 @@ def export_gguf(model_dir: str | os.PathLike, outdir: str | os.PathLike, outtype
     mmproj = None
     if config.is_multimodal:
         mmproj_type = "f32" if outtype == "f32" else "f16"
-        mmproj = write_mmproj(ckpt, config, outtype, outdir / f"mmproj-{name}-{mmproj_type}.gguf")
+        mmproj = write_mmproj(ckpt, config, outtype, outdir / f"mmproj-{name}-{mmproj_type}.gguf", literal_cls)
     language_model = write_language_model(ckpt, config, outtype, outdir / f"{name}-{outtype}.gguf")
     return ExportResult(language_model, mmproj)

@@ -3,6 +3,15 @@
 Keys and tensor names follow llamacpp_gguf.md sections 4-5. Only the ViT layers the model uses are stored
 (MobileVLM reads hidden_states[-2], i.e. all but the last layer), and `clip.vision.feature_layer` names the
 last of them: without it llama.cpp would run one layer fewer than stored (section 6, defect 2).
+
+The class token. llama.cpp's llava-family graph (tools/mtmd/models/llava.cpp) appends `v.class_embd` after
+the patches, adds position rows 0..576 in that order and keeps output rows 1..576: patches get their
+neighbour's position, patch 0 is lost and the class token becomes the last cell of the 24x24 map. Without
+`v.class_embd` the same graph runs the 576 patches alone, adds rows 0..575 and keeps all of them. So by
+default the mmproj leaves the class embedding out and stores CLIP's position table without its row 0 (the
+class token's): every patch gets its own position and its own output row, and the only thing missing is the
+class token's share of each attention layer. docs/export.md has the measured error of both files;
+`literal_cls=True` writes CLIP's tensors unchanged, for a llama.cpp with the ordering fixed (PR #25844).
 """
 from __future__ import annotations
 
@@ -21,10 +30,12 @@ LLAMACPP_GRID = 24
 _PROJECTOR_TYPES = {"ldpnetv2": "ldpv2", "ldpnet": "ldp"}  # longest prefix first, as the original dispatch
 _ACTIVATIONS = {"quick_gelu": False, "gelu": True}  # clip.use_gelu
 
+CLASS_EMBD = "embeddings.class_embedding"
+POSITION_EMBD = "embeddings.position_embedding.weight"
 _VIT_GLOBAL = {
     "embeddings.patch_embedding.weight": "v.patch_embd.weight",
-    "embeddings.class_embedding": "v.class_embd",
-    "embeddings.position_embedding.weight": "v.position_embd.weight",
+    CLASS_EMBD: "v.class_embd",
+    POSITION_EMBD: "v.position_embd.weight",
     "pre_layrnorm.weight": "v.pre_ln.weight",
     "pre_layrnorm.bias": "v.pre_ln.bias",
 }
@@ -92,12 +103,13 @@ def _projector_name(name: str, projector: str) -> str:
     return short
 
 
-def _planned(ckpt: CheckpointTensors, config, outtype: str) -> list[PlannedTensor]:
+def _planned(ckpt: CheckpointTensors, config, outtype: str, literal_cls: bool) -> list[PlannedTensor]:
     vision = config.vision_config()
     matrix_type = GGMLQuantizationType.F32 if outtype == "f32" else GGMLQuantizationType.F16
 
-    def tensor(src: str, dst: str, squeeze: bool = False) -> PlannedTensor:
+    def tensor(src: str, dst: str, squeeze: bool = False, first_row: int = 0) -> PlannedTensor:
         shape = ckpt.shape(src)
+        shape = (shape[0] - first_row, *shape[1:])
         if squeeze:  # 1x1 and depthwise conv kernels: llama.cpp stores [O,I,1,1] as [O,I] and [C,1,3,3] as [C,3,3]
             shape = tuple(d for d in shape if d != 1) if len(shape) == 4 else shape
         if len(shape) == 1 or dst == "v.position_embd.weight":
@@ -106,14 +118,19 @@ def _planned(ckpt: CheckpointTensors, config, outtype: str) -> list[PlannedTenso
             qtype = GGMLQuantizationType.F16  # ggml's conv / im2col paths take F16 kernels
         else:
             qtype = matrix_type
-        return PlannedTensor(dst, shape, qtype, lambda: ckpt.load(src).numpy().reshape(shape))
+        return PlannedTensor(dst, shape, qtype, lambda: ckpt.load(src).numpy()[first_row:].reshape(shape))
 
     if TOWER + "embeddings.patch_embedding.weight" not in ckpt:
         raise CheckpointError(
             f"{ckpt.model_dir}: the weights hold no vision tower ({TOWER}*); the mmproj needs the CLIP weights "
             "inside the checkpoint, as MobileVLM releases and `mobilevlm train` save them"
         )
-    plan = [tensor(TOWER + src, dst) for src, dst in _VIT_GLOBAL.items()]
+    plan = []
+    for src, dst in _VIT_GLOBAL.items():
+        if literal_cls or src != CLASS_EMBD:
+            # Without the class token the table keeps the patches' rows only: row 0 is the class token's.
+            first_row = 1 if src == POSITION_EMBD and not literal_cls else 0
+            plan.append(tensor(TOWER + src, dst, first_row=first_row))
     for i in range(_stored_layers(config, vision)):
         for src, dst in _VIT_LAYER.items():
             for kind in ("weight", "bias"):
@@ -126,13 +143,13 @@ def _planned(ckpt: CheckpointTensors, config, outtype: str) -> list[PlannedTenso
     return plan
 
 
-def _check_shapes(ckpt: CheckpointTensors, config, plan: list[PlannedTensor]) -> None:
+def _check_shapes(ckpt: CheckpointTensors, config, plan: list[PlannedTensor], literal_cls: bool) -> None:
     vision = config.vision_config()
     grid = vision.image_size // vision.patch_size
     shapes = {t.name: t.shape for t in plan}
     expected = {
         "v.patch_embd.weight": (vision.hidden_size, 3, vision.patch_size, vision.patch_size),
-        "v.position_embd.weight": (grid * grid + 1, vision.hidden_size),
+        "v.position_embd.weight": (grid * grid + (1 if literal_cls else 0), vision.hidden_size),
         "v.blk.0.ffn_up.weight": (vision.intermediate_size, vision.hidden_size),
     }
     for name, shape in expected.items():
@@ -158,12 +175,16 @@ def image_normalization(model_dir: Path, config) -> tuple[list[float], list[floa
     return [float(v) for v in processor.image_mean], [float(v) for v in processor.image_std]
 
 
-def write_mmproj(ckpt: CheckpointTensors, config, outtype: str, path: Path) -> Path:
-    """Write the `clip`-architecture mmproj GGUF (vision tower + projector) to `path`."""
+def write_mmproj(ckpt: CheckpointTensors, config, outtype: str, path: Path, literal_cls: bool = False) -> Path:
+    """Write the `clip`-architecture mmproj GGUF (vision tower + projector) to `path`.
+
+    `literal_cls` keeps CLIP's class embedding and 577-row position table; the default leaves out what
+    today's llama.cpp misplaces (module docstring).
+    """
     check_supported(config)
     vision = config.vision_config()
-    plan = _planned(ckpt, config, outtype)
-    _check_shapes(ckpt, config, plan)
+    plan = _planned(ckpt, config, outtype, literal_cls)
+    _check_shapes(ckpt, config, plan, literal_cls)
     stored = _stored_layers(config, vision)
     mean, std = image_normalization(ckpt.model_dir, config)
 
