@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mobilevlm.serve.apierror import ApiError
 
 
+MIN_TEMPERATURE = 1e-5  # below it a request is answered greedily (docs/serving.md)
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -60,7 +63,7 @@ class ChatRequest(_Lenient):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)  # what torch.manual_seed takes
     n: int = 1
     tools: list | None = None
     functions: list | None = None
@@ -72,6 +75,13 @@ class ChatRequest(_Lenient):
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
         return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_the_smallest(cls, value):
+        # dividing the logits by a temperature this small overflows them (NaN probabilities); the sampled answer
+        # would be the greedy one anyway
+        return 0.0 if value is not None and value < MIN_TEMPERATURE else value
 
     @property
     def stop_list(self) -> list[str]:
