@@ -255,3 +255,13 @@ def test_a_500_names_a_request_id_and_the_detail_goes_to_the_log_only(pipe, capl
         assert any(request_id in r.getMessage() and "secret" in repr(r.exc_info[1]) for r in caplog.records)
         assert post(url, request("Hello")).status_code == 200
         assert health(url)["queue"]["pending"] == 0  # the failed request gave its place back
+
+
+@pytest.mark.parametrize("origin, ok", [("https://tool.example.org", True), ("http://localhost:3000", True),
+                                        ("https://tool.example.org/", False), ("*", False), ("tool.example.org", False),
+                                        ("https://user@tool.example.org", False), ("ftp://x.org", False),
+                                        ("https://Tool.example.org", False)])
+def test_cors_origin_must_be_an_origin_as_browsers_send_it(origin, ok):
+    from mobilevlm.serve.cli import _is_origin
+
+    assert _is_origin(origin) is ok
