@@ -152,15 +152,17 @@ class Pipeline:
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt()
 
-    def _pixels(self, images: Sequence[ImageSource]) -> torch.Tensor | None:
+    def pixel_values(self, images: Sequence[ImageSource | torch.Tensor]) -> torch.Tensor | None:
+        """The model's pixel input for `images`. Files and bytes are photos (EXIF orientation applied); a PIL image
+        is used as its caller opened it (evaluation: without EXIF, as the official scripts), only brought to RGB; a
+        tensor is taken as this method's own output for one image (the server queues images in that form)."""
         if not images:
             return None
         if not self.is_multimodal:
             raise PromptError("this is a text-only model; it takes no images")
-        # files and bytes are photos (EXIF orientation applied); a PIL image is used as its caller opened it
-        # (evaluation: without EXIF, as the official scripts), only brought to RGB
-        pil = [load_image(image) for image in images]
-        return process_images(pil, self.image_processor, self.image_aspect_ratio).to(self.device, self.model.dtype)
+        parts = [image.reshape(1, *image.shape[-3:]) if isinstance(image, torch.Tensor)
+                 else process_images([load_image(image)], self.image_processor, self.image_aspect_ratio) for image in images]
+        return torch.cat(parts).to(self.device, self.model.dtype)
 
     def encode(self, prompt: str, images: Sequence[ImageSource] | None, max_new_tokens: int) -> tuple[list[int], torch.Tensor | None, int]:
         """Token ids (with -200 placeholders), pixel values, and the new-token budget left by the context."""
@@ -168,7 +170,7 @@ class Pipeline:
         tags = prompt.count(DEFAULT_IMAGE_TOKEN)
         if tags != len(images):
             raise PromptError(f"the prompt has {tags} <image> tag(s) but {len(images)} image(s) were given")
-        pixels = self._pixels(images)  # first: a text-only model has no image-token count to ask for
+        pixels = self.pixel_values(images)  # first: a text-only model has no image-token count to ask for
         ids = tokenizer_image_token(prompt, self.tokenizer)
         length = len(ids) + len(images) * (self.model.config.num_image_tokens - 1) if images else len(ids)
         if length >= self.context_len:

@@ -45,6 +45,14 @@ def test_two_images_and_text_only_prompts(tiny_pipeline, images):
     assert tiny_pipeline.generate(text, max_new_tokens=6) == greedy_by_hand(tiny_pipeline, text, [], 6)
 
 
+def test_preprocessed_pixels_stand_in_for_their_image(tiny_pipeline, images):
+    two = tiny_pipeline.build_prompt("Compare them.", num_images=2)
+    held = [tiny_pipeline.pixel_values([image]) for image in images[:2]]  # what the server queues
+    assert held[0].shape[0] == 1
+    assert torch.equal(tiny_pipeline.pixel_values([held[0], images[1]]), tiny_pipeline.pixel_values(images[:2]))
+    assert tiny_pipeline.generate(two, held, max_new_tokens=6) == tiny_pipeline.generate(two, images[:2], max_new_tokens=6)
+
+
 def test_batch_equals_one_by_one(tiny_pipeline, images):
     requests = [
         (tiny_pipeline.build_prompt("What is in the image?"), [images[0]]),

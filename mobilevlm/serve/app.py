@@ -22,7 +22,6 @@ from mobilevlm.serve.budget import MiB, MemoryBudget
 from mobilevlm.serve.images import fetch_image
 from mobilevlm.serve.messages import render_messages
 from mobilevlm.serve.middleware import ApiKeyMiddleware, HostCheckMiddleware, JsonOnlyMiddleware
-from mobilevlm.serve.pixels import with_pixels
 from mobilevlm.serve.responses import Reply, complete, internal_error, stream_events
 from mobilevlm.serve.schema import parse_chat_request
 from mobilevlm.serve.worker import Job, QueueFull, WorkQueue
@@ -134,7 +133,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
                 pixels, pixels_memory = await admission.decode(rendered.images, memory)
                 max_tokens = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens
                 try:  # the checks generation makes, done now so that a bad prompt gets a 400 even when streaming
-                    ids, _, tokens = await run_in_threadpool(with_pixels(pipeline, pixels).encode, rendered.prompt,
+                    ids, _, tokens = await run_in_threadpool(pipeline.encode, rendered.prompt,
                                                              pixels, max_tokens)
                 except MobileVLMError as err:
                     pixels_memory.release()

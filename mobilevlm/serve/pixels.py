@@ -1,6 +1,6 @@
 """Images between arrival and generation: read the header, estimate the decode's memory, decode to pixel values.
 
-A queued request holds its images as the model's pixel tensor (`pipeline._pixels` of the decoded image: the
+A queued request holds its images as the model's pixel tensor (`pipeline.pixel_values` of the decoded image: the
 exact values generation would compute), not as the decoded picture nor the compressed file: the tensor's size is
 fixed by the vision tower (3 x S x S in the model's dtype; 1.3 MiB at 336 px in float32) whatever the upload,
 while a file may be up to --max-image-mb and its decoded form up to 4 bytes x --max-image-pixels, and keeping the
@@ -9,7 +9,6 @@ docs/serving.md has the measurements.
 """
 from __future__ import annotations
 
-import copy
 import io
 import warnings
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ def pixel_bytes(pipeline) -> int:
     """What one image's pixel tensor takes (0 for a text-only model), from a 1x1 image through the real path."""
     if not pipeline.is_multimodal:
         return 0
-    pixels = pipeline._pixels([Image.new("RGB", (1, 1))])
+    pixels = pipeline.pixel_values([Image.new("RGB", (1, 1))])
     return pixels.numel() * pixels.element_size()
 
 
@@ -76,18 +75,8 @@ def to_pixels(pipeline, image: ImageFile) -> torch.Tensor:
     """The [1, 3, S, S] tensor generation would compute from this image; ApiError 400 if it cannot be decoded."""
     try:
         picture = load_image(image.data, max_pixels=image.max_pixels, name=image.where)
-        return pipeline._pixels([picture])
+        return pipeline.pixel_values([picture])
     except ImageError as err:
         raise ApiError(400, str(err), param=image.where, code="invalid_image") from None
     except MobileVLMError as err:  # e.g. a text-only model
         raise ApiError(400, str(err), param=image.where) from None
-
-
-def with_pixels(pipeline, pixels: list[torch.Tensor]):
-    """`pipeline` with its images already preprocessed: pass `pixels` as the images to `encode` / `stream`.
-
-    A shallow copy shares the model, tokenizer and generation lock; only its `_pixels` step is replaced, so
-    prompts, budgets and generation run through the pipeline's own code."""
-    view = copy.copy(pipeline)
-    view._pixels = lambda images: torch.cat(list(images)) if images else None
-    return view

@@ -19,7 +19,6 @@ import torch
 
 from mobilevlm.errors import MobileVLMError
 from mobilevlm.serve.budget import Reservation
-from mobilevlm.serve.pixels import with_pixels
 
 log = logging.getLogger("mobilevlm.serve")
 
@@ -134,7 +133,7 @@ class WorkQueue:
             try:
                 if job.seed is not None:
                     torch.manual_seed(job.seed)  # one job at a time, so the global generator is ours
-                stream = with_pixels(self.pipeline, job.pixels).stream(job.prompt, job.pixels, **job.settings)
+                stream = self.pipeline.stream(job.prompt, job.pixels, **job.settings)
                 try:
                     for piece in stream:
                         if job.cancelled.is_set():
