@@ -27,9 +27,8 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # 4-pixel patches on 96-pixel images: the official 24x24 grid, which llama.cpp's LDP / LDPv2 graphs hard-code.
 PATCH = 4
-# The language model's text lookup appears suddenly, after 500-1000 updates at batch 8, or not at all; the
-# learning rate decides how often: over seeds 0-7 (GPU sweep, AUC >= 0.74 by 1200 steps) 8 of 8 at 1.5e-3,
-# 6 of 8 at 2e-3 and at 1e-3, 3 of 8 at 3e-3; Adam's beta2 0.95 / 0.98: 0-1 of 8 (docs/demo.md).
+# The language model's context lookup appears suddenly or not at all; this rate gave it most reliably
+# (docs/notes/demo.md).
 LLM_LR = 1.5e-3
 
 
@@ -49,12 +48,10 @@ class LlmSize:
     heads: int = 4
     intermediate: int = 352
     max_positions: int = 512
-    # Pre-training loss = next-token loss on every token + this times the loss on the assistant's answers alone.
-    # The answers are ~3 % of the tokens; with every token weighted alike the context lookup they need did not
-    # appear within the demo's budget, with the answers alone (SFT's mask) neither (docs/demo.md).
+    # Pre-training loss = next-token loss on every token + this times the loss on the assistant's answers alone:
+    # the answers are a small share of the tokens, and the lookup they need came with neither weighting alone.
     answer_weight: float = 1.0
-    # Weights drawn with std ~1/sqrt(hidden) instead of LLaMA's 0.02: sharper initial attention for a 128-wide
-    # model (the context lookup was learned with it, docs/demo.md).
+    # Weights drawn with std ~1/sqrt(hidden) instead of LLaMA's 0.02: sharper initial attention for a narrow model.
     init_std: float = 0.08
 
 
@@ -243,7 +240,7 @@ def pretrain_language_model(samples: list[dict], tokenizer_dir: Path, out_dir: P
     rng = random.Random(f"{seed}:llm")
     start, losses = time.time(), []
     for step in range(steps):
-        # Random batches: batches grouped by length (a quarter less padding) never learned the lookup (docs/demo.md).
+        # Random batches: batches grouped by length never learned the lookup (docs/notes/demo.md).
         batch = [encoded[i] for i in rng.sample(range(len(encoded)), batch_size)]
         width = max(len(item.input_ids) for item in batch)
         ids = torch.zeros((batch_size, width), dtype=torch.long)

@@ -37,7 +37,7 @@ def gqa_accuracy_by_type(benchmark_data: str | Path, answers: str | Path) -> dic
 
 # The kinds of POPE-style question, by what the image holds of the object asked about. Which of them get "yes"
 # shows what a model checks: one that looks up colour and shape together answers "yes" to the first only, one that
-# checks the colour alone also to "colour only" and "both elsewhere" (docs/demo.md).
+# checks the colour alone also to "colour only" and "both elsewhere".
 POPE_KINDS = {"present": "present",
               "both elsewhere": "absent; its colour and its shape both on other objects",
               "colour only": "absent; its colour on another object, its shape nowhere",

@@ -34,8 +34,7 @@ WORDS = (
 )
 # Every shape's fill carries a pattern of its own with the period of the tower's 4-pixel patches, aligned to
 # their grid (rows, columns, diagonals; the circle plain), so that each patch of a shape shows which shape it
-# is as it shows its colour. Without them the tiny tower, trained for half a minute, tells shapes from their
-# outlines only: a linear probe on its tokens read the shape 56 % of the time, with them 99 % (docs/demo.md).
+# is as it shows its colour; without them a tiny tower tells shapes from their outlines only.
 PATTERNS = {"circle": None, "square": lambda x, y: y % 4 == 0, "triangle": lambda x, y: x % 4 == 0,
             "star": lambda x, y: (x + y) % 4 == 0}
 PATTERN_SHADE = 0.55  # the pattern's pixels: the fill colour darkened to this fraction

@@ -89,7 +89,7 @@ def _group(kind: str, scene: Scene, rng: random.Random) -> list[tuple[str, str]]
 def _short_set(scene: Scene, rng: random.Random, size: int = 3) -> list[Q.QA]:
     """Up to `size` single-word questions about one image, each of another kind (colour, shape, count, ...) and
     about another object, so that none can be answered from another's words. Each skill needs about a thousand
-    answers before the tiny model reads it from the image (docs/demo.md): several per image cost little next to
+    answers before the tiny model reads it from the image: several per image cost little next to
     the image's 144 tokens."""
     chosen: list[Q.QA] = []
     candidates = Q.short_questions(scene)
@@ -109,7 +109,7 @@ def _exists_turns(scene: Scene, rng: random.Random, turns: int = 6) -> list[tupl
     an earlier answer is never asked (no "red object" after "red circle: yes", no "red star" after "star: no"),
     and the questions stop as soon as one answer has none left, so no turn can be read off another.
     Many independent questions per image are what make the lookup learnable in the demo's budget: the image
-    tokens are most of a sample's cost and each extra question adds little to it (docs/demo.md)."""
+    tokens are most of a sample's cost and each extra question adds little to it."""
     colors = sorted({o.color for o in scene.objects})
     shapes = sorted({o.shape for o in scene.objects})  # sorted sets: each question once, in a reproducible order
     yes = [(o.name, {o.color, o.shape}) for o in scene.objects]
