@@ -32,6 +32,13 @@ def test_rebuild_writes_checkpoint_folders_and_a_manifest_that_verifies(built):
     assert manifest["hardware"]["threads"] >= 1 and "reproducible" in manifest
 
 
+def test_a_rebuild_with_the_same_seed_reproduces_the_files(built, tmp_path):
+    from mobilevlm.cli import main
+
+    assert main(["demo", "bases", "--fast", "--out", str(tmp_path / "again")]) == 0
+    assert shipped.verify(tmp_path / "again")["files"] == shipped.verify(built)["files"]
+
+
 def test_a_changed_or_missing_file_fails_verification(built, tmp_path):
     from mobilevlm.errors import MobileVLMError
 
