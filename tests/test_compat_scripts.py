@@ -225,4 +225,4 @@ def test_vqa_loader_loop_answers_as_the_evaluation(tiny_v2_dir, tmp_path):
     for item, row in zip(items, rows):
         script = process_images([Image.open(pope / "val2014" / row["image"]).convert("RGB")], pipe.image_processor,
                                 pipe.model.config)
-        assert torch.equal(pipe._pixels([item.open_image()]), script)
+        assert torch.equal(pipe.pixel_values([item.open_image()]), script)
