@@ -154,8 +154,8 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
         raise MobileVLMError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
     if from_scratch and bases_dir:
         raise MobileVLMError("--from-scratch trains its own bases: leave out --bases")
-    if not from_scratch:
-        shipped.verify(Path(bases_dir) if bases_dir else shipped.SHIPPED)  # before any work
+    base = Path(out) / "base" if from_scratch else Path(bases_dir) if bases_dir else shipped.SHIPPED
+    manifest = None if from_scratch else shipped.verify(base)  # before any work
 
     from mobilevlm.eval.evaluate import run_evaluation
     from mobilevlm.train.pipeline import run_pipeline
@@ -167,13 +167,10 @@ def run_demo(out: str | Path, seed: int = 0, fast: bool = False, projector: str 
     torch.manual_seed(seed)
     clock = _Clock(log)
     if from_scratch:
-        base = out / "base"
         manifest = clock.run("pre-train tokenizer, CLIP tower and MobileLLaMA", shipped.build_bases, base,
                              replace(base_settings or FROM_SCRATCH, seed=seed), log=log, device=device,
                              command=f"mobilevlm demo --from-scratch --seed {seed}")
     else:
-        base = Path(bases_dir) if bases_dir else shipped.SHIPPED
-        manifest = shipped.verify(base)
         log(f"starting from the bases in {base} (built by `{manifest['built_by']}`)")
     data = clock.run("generate data", prepare_data, out, seed, settings)
     recipe = PROJECTORS[projector]

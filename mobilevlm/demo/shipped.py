@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -141,14 +142,7 @@ def _parameters(model_dir: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(model_dir / "model.safetensors", framework="pt") as weights:
-        return sum(_numel(weights.get_slice(name).get_shape()) for name in weights.keys())
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
 def _hardware(device: str) -> dict:
